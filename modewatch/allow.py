@@ -1,0 +1,40 @@
+"""``modewatch.allow``: mark a block of code as deliberately running in an unusual mode.
+
+A context variable (not a global) so that threads and asyncio tasks each see their own blocks.
+The collector reads it once per model forward; this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+from .rules import RULES, check_rules
+
+_allowed: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "modewatch_allowed", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def allow(*rules: str) -> Iterator[None]:
+    """Record what runs inside as deliberate: the analyzer does not report ``rules`` for it.
+
+    >>> with modewatch.allow("dropout-in-eval"):      # Monte-Carlo dropout
+    ...     samples = [model(x) for _ in range(20)]
+
+    With no argument every rule is allowed. An unknown rule id raises UnknownRuleError at once,
+    so that a typo does not silently allow nothing. Blocks nest; inner ones add to outer ones.
+    """
+    wanted = check_rules(rules) if rules else frozenset(RULES)
+    token = _allowed.set(_allowed.get() | wanted)
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
+def allowed_rules() -> frozenset[str]:
+    """The rules allowed where this is called (empty outside any ``allow()`` block)."""
+    return _allowed.get()

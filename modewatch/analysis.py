@@ -1,0 +1,286 @@
+"""The analysis: from recorded layer calls to findings, grouped by cause.
+
+It reads records through ``logfile.LogReader`` and knows nothing of JSON or of how findings are
+shown. It streams: memory grows with the number of distinct causes, never with the log's length.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from . import logfile
+from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, ModeSet, Site
+from .rules import RULES, check_rules, severity_rank
+
+SMALL_BATCH = 8
+MAX_CAUSES = 10_000  # distinct findings kept; a hostile log cannot make more
+MAX_LAYERS_PER_FINDING = 1_000
+
+
+@dataclass
+class Finding:
+    """One cause of wrong-mode calls. The fields are those of CONTRACT.md's findings JSON."""
+
+    rule: str
+    severity: str
+    message: str
+    layers: list
+    count: int
+    first_step: int
+    last_step: int
+    rank: Optional[int]
+    forward_site: Optional[dict]
+    mode_site: Optional[dict]
+    fix: str = ""
+    batches: int = 0  # forwards (batches) affected: the most any one of its layers saw
+    cause: str = ""  # the mode call behind it, in words; reporters group findings by it
+    summary: str = ""  # the first sentence of the message: what happened, without the why
+
+    def as_dict(self) -> dict:
+        return {
+            "rule": self.rule, "severity": self.severity, "message": self.message,
+            "layers": list(self.layers), "count": self.count, "first_step": self.first_step,
+            "last_step": self.last_step, "rank": self.rank, "forward_site": self.forward_site,
+            "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches,
+        }
+
+
+@dataclass
+class Analysis:
+    """What ``modewatch.analyze()`` returns: findings, most severe first, and a summary."""
+
+    findings: list
+    logs: list
+    summary: dict = field(default_factory=dict)
+
+    def failing(self, fail_on: str = "error") -> list:
+        """The findings at or above ``fail_on`` ("error", "warning", "info"; "never": none)."""
+        if fail_on == "never":
+            return []
+        floor = severity_rank(fail_on)
+        return [f for f in self.findings if severity_rank(f.severity) >= floor]
+
+
+def _cause_key(mode: Optional[ModeSet]) -> Any:
+    """Findings are grouped by the mode call behind them. Layers frozen one by one by the same
+    line (a loop over modules) share one cause."""
+    if mode is None or mode.scope != "layer":
+        return mode
+    return (mode.site, mode.call, mode.mode, mode.scope)
+
+
+def _is_active_dropout(calls: Calls) -> bool:
+    return calls.layer.category == "dropout" and (calls.param is None or calls.param > 0)
+
+
+def _deliberate_freeze(mode: Optional[ModeSet]) -> bool:
+    """BatchNorm put in eval mode layer by layer (or a submodule at a time), or by assigning
+    ``.training``: a fine-tuning pattern, not a forgotten model.train()."""
+    return mode is None or mode.scope in ("layer", "submodule")
+
+
+def rules_for(calls: Calls, small_batch: int = SMALL_BATCH) -> list:
+    """The (rule, severity) pairs a run of identical calls breaks, before allow()/--ignore."""
+    found = []
+    norm = calls.layer.category == "norm"
+    if calls.forward_kind == PARAM_GRAD:  # a training forward
+        if _is_active_dropout(calls) and not calls.training:
+            found.append(("train-without-dropout", "error"))
+        if norm and not calls.training:
+            found.append(("bn-frozen-in-train", "info" if _deliberate_freeze(calls.mode) else "error"))
+        if norm and calls.training and calls.batch is not None and calls.batch < small_batch:
+            found.append(("bn-small-batch", "warning"))
+        return found
+    # An evaluation forward. A recalibration pass (update_bn, or BatchNorm in cumulative-average
+    # mode) updates the statistics on purpose and runs Dropout in train mode as a side effect.
+    recalibrating = calls.context.recalibration or (norm and calls.param is None and calls.training)
+    if recalibrating:
+        if norm and calls.stats_changed:
+            found.append(("bn-recalibration", "info"))
+        return found
+    if norm and calls.stats_changed:
+        found.append(("stat-update-in-eval", "error"))
+    if _is_active_dropout(calls) and calls.training:
+        found.append(("dropout-in-eval", "error"))
+    if calls.forward_kind == GRAPH_UNUSED and not calls.training and calls.grad:
+        found.append(("eval-with-grad", "info"))
+    return found
+
+
+class _Cause:
+    """Accumulates the calls of one finding while the logs stream by."""
+
+    __slots__ = ("rule", "severity", "mode", "rank", "count", "first_step", "last_step",
+                 "first_forward", "forward_site", "layers", "smallest_batch")
+
+    def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int]):
+        self.rule, self.severity, self.mode, self.rank = rule, severity, mode, rank
+        self.count = 0
+        self.first_step = self.last_step = None
+        self.first_forward: Optional[tuple] = None
+        self.forward_site: Optional[Site] = None
+        self.layers: dict = {}  # name -> forwards, in order of first appearance
+        self.smallest_batch: Optional[int] = None
+
+    def add(self, calls: Calls, log_index: int) -> None:
+        self.count += calls.calls
+        self.first_step = calls.first_step if self.first_step is None else min(self.first_step, calls.first_step)
+        self.last_step = calls.last_step if self.last_step is None else max(self.last_step, calls.last_step)
+        order = (log_index, calls.first_step, calls.first_forward)
+        if self.first_forward is None or order < self.first_forward:
+            self.first_forward, self.forward_site = order, calls.site
+        name = calls.layer.name
+        if name in self.layers or len(self.layers) < MAX_LAYERS_PER_FINDING:
+            self.layers[name] = self.layers.get(name, 0) + calls.forwards
+        if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
+            self.smallest_batch = calls.batch
+
+    def finding(self, small_batch: int) -> Finding:
+        batches = max(self.layers.values(), default=0)
+        return Finding(
+            rule=self.rule, severity=self.severity,
+            message=_message(self, batches, small_batch), summary=_summary(self, batches, small_batch),
+            layers=list(self.layers), count=self.count,
+            first_step=self.first_step, last_step=self.last_step, rank=self.rank,
+            forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
+            fix=RULES[self.rule][1], batches=batches, cause=_headline(self.mode, self.rule),
+        )
+
+
+def _site_dict(site: Optional[Site]) -> Optional[dict]:
+    return None if site is None else {"file": site.file, "line": site.line, "function": site.function}
+
+
+def _mode_dict(mode: Optional[ModeSet]) -> Optional[dict]:
+    if mode is None or mode.site is None:
+        return None
+    return {**_site_dict(mode.site), "call": mode.call}
+
+
+def mode_call_text(mode: ModeSet) -> str:
+    """How the user wrote the call: ``model.eval()``, ``model.encoder.train(False)``."""
+    if mode.scope == "layer":
+        target = "layer"
+    elif not mode.target or mode.scope == "model":
+        target = "model"
+    else:
+        target = f"model.{mode.target}"
+    if mode.call == "eval":
+        return f"{target}.eval()"
+    return f"{target}.train()" if mode.mode else f"{target}.train(False)"
+
+
+TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration")
+
+
+def _cause_text(mode: Optional[ModeSet], rule: str) -> str:
+    """The mode call behind a finding, in words: what the text report groups findings by."""
+    if mode is None:
+        if rule in TRAIN_MODE_RULES:  # modules start in train mode
+            return "no .train()/.eval() call (modules start in train mode)"
+        return ".training assigned directly (no .train()/.eval() call)"
+    where = "" if mode.site is None else f" at {mode.site.file}:{mode.site.line} in {mode.site.function}()"
+    return f"{mode_call_text(mode)}{where}"
+
+
+def _headline(mode: Optional[ModeSet], rule: str) -> str:
+    if mode is None:
+        return _cause_text(mode, rule)
+    if mode.scope == "layer":
+        what = "the layers"
+    elif not mode.target or mode.scope == "model":
+        what = "the model"
+    else:
+        what = f"model.{mode.target}"
+    return f"{_cause_text(mode, rule)} left {what} in {'train' if mode.mode else 'eval'} mode"
+
+
+def _why(mode: Optional[ModeSet], rule: str) -> str:
+    if mode is None:
+        if rule in TRAIN_MODE_RULES:
+            return "Nothing ever called model.eval() on these layers: modules start in train mode"
+        return "No .train()/.eval() call set this mode: .training was assigned directly"
+    return f"The mode was last set by {_cause_text(mode, rule)}"
+
+
+def _message(cause: _Cause, batches: int, small_batch: int) -> str:
+    text = _summary(cause, batches, small_batch)
+    return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
+
+
+def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
+    layers = ", ".join(list(cause.layers)[:6]) + (", ..." if len(cause.layers) > 6 else "")
+    rule = cause.rule
+    if rule == "train-without-dropout":
+        text = f"{batches} training batches ran Dropout in eval mode, with dropout off ({layers})."
+    elif rule == "bn-frozen-in-train" and cause.severity == "info":
+        text = (f"{batches} training batches ran BatchNorm in eval mode ({layers}); the layers were put in "
+                f"eval mode one by one or a submodule at a time, which looks like deliberate freezing.")
+    elif rule == "bn-frozen-in-train":
+        text = (f"{batches} training batches ran BatchNorm in eval mode, with running statistics frozen "
+                f"({layers}).")
+    elif rule == "stat-update-in-eval":
+        text = (f"{batches} evaluation forwards updated BatchNorm running statistics ({layers}): "
+                f"evaluation data leaked into the statistics used at inference.")
+    elif rule == "dropout-in-eval":
+        text = f"{batches} evaluation forwards ran Dropout in train mode, so predictions were random ({layers})."
+    elif rule == "eval-with-grad":
+        text = f"{batches} evaluation forwards in eval mode built an autograd graph that no backward used ({layers})."
+    elif rule == "bn-small-batch":
+        text = (f"{batches} training batches computed BatchNorm statistics from fewer than {small_batch} samples "
+                f"(smallest: {cause.smallest_batch}) ({layers}).")
+    elif rule == "bn-recalibration":
+        text = f"BatchNorm running statistics were recomputed on purpose over {batches} forwards ({layers})."
+    else:
+        text = f"{cause.count} calls ({layers})."
+    return text
+
+
+def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH) -> Analysis:
+    """Analyze saved logs (files, or directories of ``*.jsonl`` logs) and return the findings.
+
+    ``ignore``: rule ids not to report. ``small_batch``: the sample count under which
+    ``bn-small-batch`` fires. Raises LogFormatError for a missing, unreadable or foreign file.
+    """
+    if not paths:
+        raise TypeError("modewatch.analyze() needs at least one log path")
+    ignored = check_rules(ignore)
+    causes: dict = {}
+    summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
+               "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0}
+    files = logfile.expand_paths(list(paths))
+    for index, path in enumerate(files):
+        reader = logfile.LogReader(path)
+        records = iter(reader)
+        header = next(records)
+        rank = header.rank if header.world_size not in (None, 1) else None
+        last_step = 0
+        for calls in records:
+            summary["layer_calls"] += calls.calls
+            last_step = max(last_step, calls.last_step)
+            for rule, severity in rules_for(calls, small_batch):
+                if rule in ignored or rule in calls.context.allow:
+                    continue
+                key = (rule, severity, _cause_key(calls.mode), rank)
+                cause = causes.get(key)
+                if cause is None:
+                    if len(causes) >= MAX_CAUSES:
+                        summary["dropped_causes"] += 1
+                        continue
+                    cause = causes[key] = _Cause(rule, severity, calls.mode, rank)
+                cause.add(calls, index)
+        summary["logs"] += 1
+        summary["steps"] = max(summary["steps"], last_step if reader.steps is None else reader.steps)
+        summary["skipped_lines"] += reader.skipped
+        if reader.truncated:
+            summary["truncated_logs"].append(path)
+        if not reader.ended:
+            summary["unclosed_logs"].append(path)
+    rule_order = list(RULES)
+    ordered = sorted(causes.values(),
+                     key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
+    findings = [cause.finding(small_batch) for cause in ordered]
+    summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    return Analysis(findings=findings, logs=files, summary=summary)

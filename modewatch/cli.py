@@ -1,0 +1,68 @@
+"""``modewatch`` / ``python -m modewatch``: a thin layer over the analysis and the reporters.
+
+Exit codes: 0 no finding at or above --fail-on; 1 there are such findings; 2 usage or input
+error, told in one line on stderr. Imports no torch (``run`` imports it in the child program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ._version import __version__
+from .errors import ModewatchError
+from .rules import RULES
+
+OK, FINDINGS, USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default is the same code)
+        self.exit(USAGE, f"modewatch: error: {message} (see 'modewatch {self.prog.split()[-1]} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="modewatch", description="Find PyTorch models that train or evaluate in the wrong mode.")
+    parser.add_argument("--version", action="version", version=f"modewatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    analyze = commands.add_parser("analyze", help="report the mode bugs recorded in logs",
+                                  description="Report the mode bugs recorded in modewatch logs.")
+    analyze.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="a log, or a directory of *.jsonl logs")
+    analyze.add_argument("--format", choices=("text", "json"), default="text")
+    analyze.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
+                         help="exit 1 when a finding is at least this severe (default: error)")
+    analyze.add_argument("--ignore", action="append", default=[], metavar="RULE", choices=sorted(RULES),
+                         help="do not report this rule (repeatable)")
+    analyze.add_argument("--small-batch", type=int, default=8, metavar="N",
+                         help="bn-small-batch fires under N samples (default: 8)")
+    return parser
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .report import json_report, text_report
+
+    result = analyze(*args.paths, ignore=args.ignore, small_batch=args.small_batch)
+    report = json_report(result) if args.format == "json" else text_report(result)
+    sys.stdout.write(report if report.endswith("\n") else report + "\n")
+    return FINDINGS if result.failing(args.fail_on) else OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return USAGE
+    try:
+        return _analyze(args)
+    except ModewatchError as exc:
+        sys.stderr.write(f"modewatch: error: {exc}\n")
+        return USAGE
+    except BrokenPipeError:  # `modewatch analyze ... | head`
+        return OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,671 @@
+"""Recording: hooks on every mode-sensitive layer of a model, and the Watcher that owns them.
+
+What happens per layer call is kept to a few attribute reads and one tuple appended to the list
+of the forward in progress: no tensor values are read (no sync), no tensor is kept, nothing is
+encoded or written. Everything else happens once per forward, per step or per flush:
+
+- A *forward* is the outermost call of the watched model (or, when a layer is called outside
+  any watched forward, that layer call alone). Its pre-hook finds the user line that called it.
+- When a forward ends, a probe is registered on the ``grad_fn`` of its outputs. If a
+  parameter-gradient backward reaches a probe the forward was a training forward; when the
+  graph is freed with no such backward, it was an evaluation forward (see logfile.FORWARD_KINDS).
+  Probes only mark forwards and queue them; the queue is drained at safe points (forward start
+  and end, optimizer step, close), since a probe may fire on another thread or inside GC.
+- Resolved calls are folded: consecutive calls of a layer in identical state become one row
+  (counts and step range), so the log grows with changes, not with steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from . import logfile, patches, sites
+from .allow import allowed_rules
+from .errors import LogPathError
+
+DEFAULT_LOG = "modewatch-{pid}.jsonl"
+FLUSH_SECONDS = 1.0  # a killed job loses at most about this much of its log
+MAX_PENDING = 1024  # forwards whose graph is still alive; past it the oldest are resolved
+STALE_STEPS = 4  # a forward not backpropagated after this many optimizer steps is evaluation
+MAX_OUTPUT_TENSORS = 32  # outputs that get a probe, per forward
+
+_is_grad_enabled = torch._C.is_grad_enabled
+_is_inference = torch.is_inference_mode_enabled
+
+
+def layer_category(module: nn.Module) -> Optional[str]:
+    """"dropout" or "norm" for a mode-sensitive layer, else None."""
+    if isinstance(module, _DropoutNd):
+        return "dropout"
+    if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
+        return "norm"
+    return None
+
+
+def _unwrapped_chain(root: nn.Module) -> list:
+    """The root and the models it wraps one inside the other (DDP's .module, compile's _orig_mod)."""
+    chain = [root]
+    while True:
+        inner = getattr(chain[-1], "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(chain[-1], "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner in chain:
+            return chain
+        chain.append(inner)
+
+
+def _substitute(template: str) -> str:
+    rank = _rank()
+    return template.replace("{rank}", "0" if rank is None else str(rank)).replace("{pid}", str(os.getpid()))
+
+
+def _rank() -> Optional[int]:
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+    except Exception:  # a half-initialised process group must not stop watch()
+        pass
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _world_size() -> Optional[int]:
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+    except Exception:
+        pass
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else None
+
+
+def _open_log(log: Any) -> logfile.LogWriter:
+    template = os.fspath(log) if log is not None else (os.environ.get("MODEWATCH_LOG") or DEFAULT_LOG)
+    path = _substitute(template)
+    try:
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        return logfile.LogWriter(path)
+    except OSError as exc:
+        raise LogPathError(f"cannot write the modewatch log {path!r}: {exc.strerror or exc}") from None
+
+
+class _Forward:
+    """One forward of a watched model, until it is known whether it was a training forward."""
+
+    __slots__ = ("seq", "site", "context", "calls", "step", "kind", "probes", "resolved", "__weakref__")
+
+    def __init__(self, seq: int, site: Optional[int], context: int, step: int):
+        self.seq = seq
+        self.site = site
+        self.context = context
+        self.step = step
+        self.calls: list = []  # (layer id, flags, batch, param, mode id, step) per layer call
+        self.kind = logfile.GRAPH_UNUSED  # raised by probes to INPUT_GRAD / PARAM_GRAD
+        self.probes = 0  # probes alive
+        self.resolved = False
+
+
+class _Probe:
+    """Registered on a forward output's grad_fn: notes the backward that reaches it.
+
+    Owned by the autograd graph alone; when the graph is freed, the probe dies and its weakref
+    callback queues the forward for resolution.
+    """
+
+    __slots__ = ("forward", "done", "__weakref__")
+
+    def __init__(self, forward: _Forward, done: collections.deque):
+        self.forward = forward
+        self.done = done
+
+    def __call__(self, grad_outputs: Any) -> None:
+        try:
+            kind = patches.backward_kind()
+            forward = self.forward
+            if kind > forward.kind:
+                forward.kind = kind
+                if kind == logfile.PARAM_GRAD:
+                    self.done.append(forward)
+        except Exception:  # never raise into backward
+            pass
+
+
+class _State(threading.local):
+    """Per-thread: the forward in progress and how deep inside watched forwards we are."""
+
+    forward: Optional[_Forward] = None
+    depth: int = 0
+
+
+class _RootPreHook:
+    """Forward pre-hook of a watched model (and of the models it wraps)."""
+
+    def __init__(self, watcher: "Watcher"):
+        self.watcher = watcher
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        watcher = self.watcher
+        if watcher.off:
+            return
+        try:
+            state = watcher.state
+            state.depth += 1
+            if state.depth == 1:
+                state.forward = watcher.begin_forward(sys._getframe(1))
+        except Exception as exc:
+            watcher.fail(exc)
+
+    def __deepcopy__(self, memo: dict) -> "_RootPreHook":
+        return self  # a deep copy of the model (SWA, EMA) stays watched by the same watcher
+
+    def __reduce__(self) -> Any:
+        return (_inert, ())  # torch.save(model) pickles a no-op hook, never the watcher
+
+
+class _RootHook(_RootPreHook):
+    """Forward hook of a watched model: ends the forward and probes its outputs."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        watcher = self.watcher
+        if watcher.off:
+            return
+        try:
+            state = watcher.state
+            if state.depth > 0:
+                state.depth -= 1
+            if state.depth == 0 and state.forward is not None:
+                forward, state.forward = state.forward, None
+                watcher.end_forward(forward, output)
+        except Exception as exc:
+            watcher.fail(exc)
+
+
+class _LayerHook(_RootPreHook):
+    """Forward hook of one Dropout/BatchNorm layer: appends one small tuple per call."""
+
+    def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
+        super().__init__(watcher)
+        self.layer = layer
+        self.module_id = id(module)
+        self.is_norm = layer_category(module) == "norm"
+        # The tensor whose version counter moves when running statistics are updated:
+        # BatchNorm counts batches; InstanceNorm copies its statistics back into running_mean.
+        self.counter = "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked"
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        watcher = self.watcher
+        if watcher.off:
+            return
+        try:
+            layer = self.layer if id(module) == self.module_id else watcher.copy_layer(module, self.layer)
+            training = module.training
+            flags = training | (_is_grad_enabled() << 1) | (_is_inference() << 2)
+            if self.is_norm:
+                tracked = getattr(module, self.counter)
+                if tracked is not None and _version(tracked) != watcher.versions[layer]:
+                    flags |= logfile.STATS_CHANGED
+                batch = args[0].shape[0] if args and getattr(args[0], "ndim", 0) > 1 else None
+                param = module.momentum
+            else:
+                batch = None
+                param = module.p
+            mode_id, mode = watcher.layer_modes[layer]
+            call = (layer, flags, batch, param, mode_id if mode == training else None, watcher.step)
+            forward = watcher.state.forward
+            if forward is None:  # called outside any watched forward: it is its own forward
+                watcher.lone_call(call, output)
+            else:
+                forward.calls.append(call)
+        except Exception as exc:
+            watcher.fail(exc)
+
+
+class _NormPreHook(_LayerHook):
+    """Pre-hook of a BatchNorm layer: remembers the version of its statistics counter.
+
+    BatchNorm's num_batches_tracked moves when running statistics are updated (running_mean's
+    does not, on CPU). Reading ``_version`` reads no tensor value, so it costs no device sync.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:  # type: ignore[override]
+        watcher = self.watcher
+        if watcher.off:
+            return
+        try:
+            layer = self.layer if id(module) == self.module_id else watcher.copy_layer(module, self.layer)
+            tracked = getattr(module, self.counter)
+            if tracked is not None:
+                watcher.versions[layer] = _version(tracked)
+        except Exception as exc:
+            watcher.fail(exc)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _inert_hook(*args: Any) -> None:
+    """What a watched model's hooks become when the model is pickled."""
+    return None
+
+
+def _inert() -> Any:
+    return _inert_hook
+
+
+def _output_nodes(output: Any) -> list:
+    """The distinct grad_fn nodes of the tensors in a (nested) model output."""
+    nodes, seen, todo = [], set(), [output]
+    budget = 256  # containers and items looked at
+    while todo and budget and len(nodes) < MAX_OUTPUT_TENSORS:
+        budget -= 1
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            node = item.grad_fn
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                nodes.append(node)
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item[:64])
+        elif isinstance(item, dict):  # also Hugging Face ModelOutput
+            todo.extend(list(item.values())[:64])
+    return nodes
+
+
+class Watcher:
+    """Records the mode of every Dropout/BatchNorm call of one model into a JSON-lines log.
+
+    Made by ``modewatch.watch()``. ``close()`` (idempotent, also run at interpreter exit) writes
+    what is pending and removes every hook; a Watcher is also a context manager.
+    """
+
+    def __init__(self, model: nn.Module, log: Any = None, flush_seconds: float = FLUSH_SECONDS):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
+        self.off = True  # hooks do nothing until the log is open
+        self._writer = _open_log(log)
+        self.path = self._writer.path
+        self.flush_seconds = flush_seconds
+        self.state = _State()
+        self.step = 0
+        self.versions: list = []  # per layer: version of num_batches_tracked before the call
+        self.layer_modes: list = []  # per layer: (mode id, mode) of the last train()/eval() reaching it
+        self._lock = threading.RLock()
+        self._layer_of: dict = {}  # id(module) -> layer id, for watched layers and their copies
+        self._copies: dict = {}  # id(copy) -> weakref, to notice a freed copy's id being reused
+        self._paths: dict = {}  # id(module) -> (model index, qualified name)
+        self._model_level: set = set()  # ids of the watched models and what they wrap
+        self._param_ids: set = set()
+        self._optimizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._ids: dict = {}  # interned (kind, key) -> id, for sites, modes, contexts
+        self._counts: collections.Counter = collections.Counter()  # ids given, per kind
+        self._definitions: list = []  # (writer method, kwargs) not yet written
+        self._done: collections.deque = collections.deque()  # forwards whose probes spoke
+        self._pending: dict = {}  # seq -> forward whose graph may still be backpropagated
+        self._runs: dict = {}  # layer -> open run [key, first step, last step, first fwd, last fwd, forwards, calls]
+        self._rows: list = []  # closed runs, not yet written
+        self._seq = 0
+        self._layer_names: list = []
+        self._called = False  # a layer was called since the last counted step
+        self._handles: list = []
+        self._failed = False
+        self._closed = False
+        self._last_flush = time.monotonic()
+        self._writer.header(
+            torch=torch.__version__, python=sys.version.split()[0], pid=os.getpid(),
+            argv=list(sys.argv), rank=_rank(), world_size=_world_size(), time=time.time(),
+        )
+        try:
+            self._watch(model)
+            patches.attach(self)
+        except BaseException:
+            for handle in self._handles:
+                handle.remove()
+            self._writer.close()
+            raise
+        atexit.register(self.close)
+        self.off = False
+        self._write()
+
+    # ------------------------------------------------------------------ attaching
+
+    def _watch(self, model: nn.Module) -> None:
+        model_index = len({index for index, _ in self._paths.values()})
+        for name, module in model.named_modules():
+            self._paths[id(module)] = (model_index, name)
+            category = layer_category(module)
+            if category is not None and id(module) not in self._layer_of:
+                self._add_layer(module, name, category, model_index, copy_of=None)
+        self._model_level.update(id(m) for m in _unwrapped_chain(model))
+        self._param_ids.update(id(p) for p in model.parameters())
+        for root in _unwrapped_chain(model):
+            self._handles.append(root.register_forward_pre_hook(_RootPreHook(self)))
+            self._handles.append(root.register_forward_hook(_RootHook(self), always_call=True))
+
+    def _add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
+        layer = len(self._layer_names)
+        self._layer_names.append(name)
+        self.versions.append(-1)
+        self.layer_modes.append(self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
+        self._layer_of[id(module)] = layer
+        self._define(self._writer.layer, id=layer, name=name, kind=type(module).__name__,
+                     category=category, model=model, copy_of=copy_of)
+        if copy_of is None:
+            if category == "norm":
+                self._handles.append(module.register_forward_pre_hook(_NormPreHook(self, layer, module)))
+            self._handles.append(module.register_forward_hook(_LayerHook(self, layer, module)))
+        return layer
+
+    def copy_layer(self, module: nn.Module, original: int) -> int:
+        """The layer id of a deep copy of a watched layer (its hooks came along with the copy)."""
+        layer = self._layer_of.get(id(module))
+        ref = self._copies.get(id(module))
+        if layer is not None and ref is not None and ref() is module:
+            return layer
+        if getattr(module, "_is_replica", False):  # DataParallel's per-call replicas: the original
+            return original
+        with self._lock:
+            layer = self._add_layer(module, self._layer_names[original], layer_category(module) or "norm",
+                                    model=0, copy_of=original)
+            self._copies[id(module)] = weakref.ref(module)
+            return layer
+
+    def _find_layer(self, module: nn.Module) -> Optional[int]:
+        """The layer id of ``module``: watched, a known copy, or a copy not yet called."""
+        layer = self._layer_of.get(id(module))
+        if layer is not None:
+            return layer
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, _LayerHook) and hook.watcher is self:
+                return self.copy_layer(module, hook.layer)
+        return None
+
+    # ------------------------------------------------------------------ interning
+
+    def _define(self, method: Any, **fields: Any) -> None:
+        self._definitions.append((method, fields))
+
+    def _intern(self, kind: str, key: Any, make: Any) -> int:
+        """The id of ``key`` among the definitions of ``kind``; ``make(id)`` defines a new one."""
+        try:
+            return self._ids[kind, key]
+        except KeyError:
+            ident = self._ids[kind, key] = self._counts[kind]
+            self._counts[kind] += 1
+            make(ident)
+            return ident
+
+    def _site(self, frame: Any) -> Optional[int]:
+        if frame is None:
+            return None
+        code, line = frame.f_code, frame.f_lineno
+        return self._intern("site", (code, line), lambda ident: self._define(
+            self._writer.site, id=ident, file=code.co_filename, line=line, function=code.co_name))
+
+    def _context(self, allow: frozenset, recalibration: bool) -> int:
+        if not allow and not recalibration:
+            return 0
+        return self._intern("context", (allow, recalibration), lambda ident: self._define(
+            self._writer.context, id=ident + 1, allow=sorted(allow), recalibration=recalibration)) + 1
+
+    # ------------------------------------------------------------------ events from the hooks
+
+    def begin_forward(self, frame: Any) -> _Forward:
+        self._drain()
+        user, recalibrating = sites.user_frame(frame)
+        self._seq += 1
+        return _Forward(self._seq, self._site(user), self._context(allowed_rules(), recalibrating), self.step)
+
+    def end_forward(self, forward: _Forward, output: Any) -> None:
+        if forward.calls:
+            self._called = True
+            nodes = _output_nodes(output)
+            if not nodes:
+                self._resolve(forward, logfile.NO_GRAPH)
+            else:
+                with self._lock:
+                    for node in nodes:
+                        probe = _Probe(forward, self._done)
+                        node.register_prehook(probe)
+                        forward.probes += 1
+                        # The probe lives as long as the graph: its death means no more backward.
+                        weakref.finalize(probe, self._probe_died, forward)
+                    self._pending[forward.seq] = forward
+                    while len(self._pending) > MAX_PENDING:
+                        self._resolve(self._pending[next(iter(self._pending))])
+        self._drain()
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def _probe_died(self, forward: _Forward) -> None:
+        forward.probes -= 1
+        if forward.probes <= 0:
+            self._done.append(forward)
+
+    def lone_call(self, call: tuple, output: Any) -> None:
+        """A layer called outside any watched forward (``model.features(x)``): its own forward."""
+        forward = self.begin_forward(sys._getframe(2))
+        forward.calls.append(call)
+        self.end_forward(forward, output)
+
+    def on_mode_call(self, module: nn.Module, call: str, mode: bool, nested: bool) -> None:
+        if self.off:
+            return
+        try:
+            layers = [layer for m in module.modules() if (layer := self._find_layer(m)) is not None]
+            if not layers:
+                return
+            skip = None if nested else _inside_mode_method
+            user, _ = sites.user_frame(sys._getframe(2), skip)
+            site = self._site(user)
+            model, path = self._paths.get(id(module), (None, None))
+            if id(module) in self._layer_of:
+                scope = "layer"
+            elif id(module) in self._model_level:
+                scope = "model"
+            elif path is not None:
+                scope = "submodule"
+            else:
+                scope = "outside"
+            key = (site, call, mode, path, scope)
+            mode_id = self._intern("mode", key, lambda ident: self._define(
+                self._writer.mode, id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
+            for layer in layers:
+                self.layer_modes[layer] = (mode_id, mode)
+        except Exception as exc:
+            self.fail(exc)
+
+    def on_optimizer_step(self, optimizer: Any) -> None:
+        if self.off:
+            return
+        try:
+            if not self._called or not self._steps_our_model(optimizer):
+                return
+            self._called = False
+            self.step += 1
+            self._drain()
+            with self._lock:
+                stale = [f for f in self._pending.values() if self.step - f.step >= STALE_STEPS]
+                for forward in stale:
+                    self._resolve(forward)
+            if time.monotonic() - self._last_flush > self.flush_seconds:
+                self.flush()
+        except Exception as exc:
+            self.fail(exc)
+
+    def _steps_our_model(self, optimizer: Any) -> bool:
+        known = self._optimizers.get(optimizer)
+        if known is None:
+            known = self._optimizers[optimizer] = any(
+                id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
+        return known
+
+    # ------------------------------------------------------------------ resolving and folding
+
+    def _drain(self) -> None:
+        done = self._done
+        while done:
+            forward = done.popleft()
+            if not forward.resolved:
+                self._resolve(forward)
+
+    def _resolve(self, forward: _Forward, kind: Optional[int] = None) -> None:
+        """Fold a finished forward's calls into runs, now that its kind is known."""
+        with self._lock:
+            if forward.resolved:
+                return
+            forward.resolved = True
+            self._pending.pop(forward.seq, None)
+            kind = forward.kind if kind is None else kind
+            site, context, seq, runs = forward.site, forward.context, forward.seq, self._runs
+            for layer, flags, batch, param, mode, step in forward.calls:
+                key = (kind, flags, batch, param, mode, site, context)
+                run = runs.get(layer)
+                if run is not None and run[0] == key:
+                    if step < run[1]:
+                        run[1] = step
+                    if step > run[2]:
+                        run[2] = step
+                    if seq != run[4]:
+                        run[3] = min(run[3], seq)
+                        run[4] = seq
+                        run[5] += 1
+                    run[6] += 1
+                else:
+                    if run is not None:
+                        self._rows.append(_row(layer, run))
+                    runs[layer] = [key, step, step, seq, seq, 1, 1]
+            forward.calls = []
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, open_runs: bool = False) -> None:
+        with self._lock:
+            for method, fields in self._definitions:
+                method(**fields)
+            self._definitions.clear()
+            if open_runs:
+                self._rows.extend(_row(layer, run) for layer, run in self._runs.items())
+                self._runs.clear()
+            if self._rows:
+                self._writer.calls(self.step, self._rows)
+                self._rows = []
+            self._writer.flush()
+            self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        """Write everything recorded so far, including runs still open (crash safety)."""
+        if self._closed:
+            return
+        try:
+            self._drain()
+            self._write(open_runs=True)
+        except Exception as exc:
+            self.fail(exc)
+
+    def close(self) -> None:
+        """Stop watching: resolve what is pending, write it, remove every hook. Idempotent."""
+        if self._closed:
+            return
+        self.off = True
+        try:
+            for handle in self._handles:
+                handle.remove()
+            patches.detach(self)
+            if not self._failed:
+                self._drain()
+                for forward in list(self._pending.values()):
+                    self._resolve(forward)
+                self._write(open_runs=True)
+                self._writer.footer(steps=self.step, forwards=self._seq)
+        except Exception as exc:
+            self._warn(exc)
+        finally:
+            self._closed = True
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            atexit.unregister(self.close)
+
+    def fail(self, exc: BaseException) -> None:
+        """A failure inside modewatch: one warning, stop watching, never disturb the training."""
+        if self._failed:
+            return
+        self._failed = True
+        self.off = True
+        self._warn(exc)
+        try:
+            for handle in self._handles:
+                handle.remove()
+            patches.detach(self)
+            self._writer.flush()
+        except Exception:
+            pass
+
+    def _warn(self, exc: BaseException) -> None:
+        message = (f"modewatch stopped watching after an internal error ({type(exc).__name__}: {exc}); "
+                   f"training goes on unwatched. Log so far: {self.path}")
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        except Exception:  # warnings turned into errors must not reach the user's code
+            try:
+                sys.stderr.write(f"warning: {message}\n")
+            except Exception:
+                pass
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "off" if self.off else "watching"
+        return f"<modewatch.Watcher {state} {len(self._layer_names)} layers -> {self.path}>"
+
+
+def _row(layer: int, run: list) -> list:
+    kind, flags, batch, param, mode, site, context = run[0]
+    return [layer, kind, flags, batch, param, mode, site, context, run[1], run[2], run[3], run[5], run[6]]
+
+
+def _inside_mode_method(frame: Any) -> bool:
+    """A user-defined train()/eval() override: look past it, to the line that called it."""
+    return frame.f_code.co_name in ("train", "eval") and isinstance(frame.f_locals.get("self"), nn.Module)
+
+
+def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
+    """Watch ``model``: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
+
+    ``log`` is the log's path (str or PathLike; ``{rank}`` and ``{pid}`` are substituted);
+    without it, $MODEWATCH_LOG, else ``modewatch-{pid}.jsonl`` in the working directory. A log
+    that cannot be written raises LogPathError here, before training starts. Options:
+    ``flush_seconds`` (default 1.0), the longest time recorded calls wait before being written.
+    """
+    unknown = set(options) - {"flush_seconds"}
+    if unknown:
+        raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")
+    return Watcher(model, log, **options)

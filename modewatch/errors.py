@@ -1,0 +1,42 @@
+"""modewatch's exceptions: one short message each, with the docs anchor that explains it."""
+
+from __future__ import annotations
+
+DOCS = "https://modewatch.readthedocs.io/en/latest/errors/"
+
+
+class ModewatchError(Exception):
+    """Base of every error modewatch raises on purpose.
+
+    ``anchor`` names the section of docs/errors.md that explains the error; ``str()`` gives the
+    message followed by that link, so a user who sees only the last line still has a pointer.
+    """
+
+    anchor = "modewatch-error"
+
+    def __init__(self, message: str, anchor: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if anchor is not None:
+            self.anchor = anchor
+
+    def __str__(self) -> str:
+        return f"{self.message} (see {DOCS}#{self.anchor})"
+
+
+class LogPathError(ModewatchError, OSError):
+    """The event log cannot be created where ``watch(log=...)``/MODEWATCH_LOG says."""
+
+    anchor = "log-path"
+
+
+class LogFormatError(ModewatchError):
+    """A file given to the analyzer is missing, unreadable, empty or not a modewatch log."""
+
+    anchor = "bad-log"
+
+
+class UnknownRuleError(ModewatchError, ValueError):
+    """A rule id that modewatch does not know (in ``allow()`` or ``--ignore``)."""
+
+    anchor = "unknown-rule"

@@ -1,0 +1,429 @@
+"""The event log: its format, versioned here and nowhere else.
+
+A log is JSON lines, one event per line, written through a structlog logger of modewatch's own
+(``structlog.wrap_logger``; the application's ``structlog.configure()`` is never touched).
+The first line is the header; the others define layers, call sites, mode changes and contexts
+by id, and ``calls`` lines carry runs of identical layer calls that refer to those ids.
+docs/log-format.md describes every field; bump SCHEMA when a reader could misread a new log.
+
+Writing is the collector's business (it imports torch); reading is the analyzer's (it must not).
+Reading is defensive: a log may be truncated by a killed job, or written by anyone, so every
+field is checked, every table is bounded, and a line that does not parse is counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Optional
+
+import structlog
+
+from ._version import __version__
+from .errors import LogFormatError
+
+SCHEMA = 1
+HEADER_EVENT = "modewatch"
+
+# What a forward's outputs went through, decided when the forward is over (see collector).
+NO_GRAPH = 0  # no autograd graph: no_grad, inference_mode, or nothing required grad
+GRAPH_UNUSED = 1  # a graph was built, and no backward ever went through it
+INPUT_GRAD = 2  # differentiated with respect to inputs only (torch.autograd.grad(loss, x))
+PARAM_GRAD = 3  # a parameter-gradient backward went through it: a training forward
+FORWARD_KINDS = (NO_GRAPH, GRAPH_UNUSED, INPUT_GRAD, PARAM_GRAD)
+
+# Bits of a call's state.
+TRAINING = 1  # module.training during the call
+GRAD_ENABLED = 2  # torch.is_grad_enabled()
+INFERENCE = 4  # torch.is_inference_mode_enabled()
+STATS_CHANGED = 8  # running statistics changed during the call (measured)
+
+CATEGORIES = ("dropout", "norm")
+SCOPES = ("model", "submodule", "layer", "outside")
+
+# A calls row, in this order.  A row stands for `calls` consecutive layer calls in identical
+# state, made by `forwards` forwards from step first_step to last_step.
+ROW_FIELDS = (
+    "layer", "forward_kind", "flags", "batch", "param", "mode", "site", "context",
+    "first_step", "last_step", "first_forward", "forwards", "calls",
+)
+
+
+# ----------------------------------------------------------------------------- writing
+
+class _LineWriter:
+    """The logger at the end of structlog's chain: appends rendered lines to a buffered file.
+
+    structlog's own WriteLogger flushes after every line; the collector decides when to flush.
+    """
+
+    def __init__(self, file: IO[str]):
+        self.file = file
+
+    def msg(self, message: str) -> None:
+        self.file.write(message + "\n")
+
+
+def _event_first(_logger: Any, _name: str, event_dict: dict) -> dict:
+    """Put the event name first, so that a person reading the log sees it first."""
+    return {"event": event_dict.pop("event"), **event_dict}
+
+
+class LogWriter:
+    """Writes one log. Each method is one event; nothing is written per layer call."""
+
+    def __init__(self, path: str):
+        self.path = path
+        # Line-buffered would flush per event; a plain buffer and explicit flush() are cheaper.
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._log = structlog.wrap_logger(
+            _LineWriter(self._file),
+            processors=[_event_first, structlog.processors.JSONRenderer(separators=(",", ":"))],
+            wrapper_class=structlog.BoundLogger,
+            context_class=dict,
+            cache_logger_on_first_use=False,
+        )
+
+    def header(self, **fields: Any) -> None:
+        self._log.msg(HEADER_EVENT, schema=SCHEMA, modewatch=__version__, **fields)
+
+    def layer(self, id: int, name: str, kind: str, category: str, model: int, copy_of: Optional[int]) -> None:
+        self._log.msg("layer", id=id, name=name, kind=kind, category=category, model=model, copy_of=copy_of)
+
+    def site(self, id: int, file: str, line: int, function: str) -> None:
+        self._log.msg("site", id=id, file=file, line=line, function=function)
+
+    def mode(self, id: int, site: Optional[int], call: str, mode: bool, target: Optional[str], scope: str) -> None:
+        self._log.msg("mode", id=id, site=site, call=call, mode=mode, target=target, scope=scope)
+
+    def context(self, id: int, allow: list, recalibration: bool) -> None:
+        self._log.msg("context", id=id, allow=allow, recalibration=recalibration)
+
+    def calls(self, step: int, rows: list) -> None:
+        self._log.msg("calls", step=step, rows=rows)
+
+    def footer(self, **fields: Any) -> None:
+        self._log.msg("end", **fields)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ----------------------------------------------------------------------------- reading
+
+MAX_LINE = 8 << 20  # bytes; a longer line is skipped, never held whole
+MAX_TABLE = 200_000  # entries per id table; past it, definitions are skipped
+MAX_TEXT = 4096  # characters of a name or path that are kept
+
+
+@dataclass(frozen=True)
+class Header:
+    schema: int
+    modewatch: str
+    torch: Optional[str]
+    python: Optional[str]
+    pid: Optional[int]
+    argv: tuple
+    rank: Optional[int]
+    world_size: Optional[int]
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    kind: str
+    category: str  # "dropout" or "norm"
+    model: int
+    copy: bool  # a deep copy of a watched layer, found when it was first called
+
+
+@dataclass(frozen=True)
+class Site:
+    file: str
+    line: int
+    function: str
+
+
+@dataclass(frozen=True)
+class ModeSet:
+    """One `.train()`/`.eval()` call site, with the mode it set and the module it was called on."""
+
+    site: Optional[Site]
+    call: str  # "train" or "eval"
+    mode: bool
+    target: Optional[str]  # qualified name of the module it was called on; None if outside
+    scope: str  # "model", "submodule", "layer" or "outside" (a wrapper above the model)
+
+
+@dataclass(frozen=True)
+class Context:
+    allow: frozenset
+    recalibration: bool
+
+
+NO_CONTEXT = Context(frozenset(), False)
+
+
+@dataclass(frozen=True)
+class Calls:
+    """A run of identical layer calls, with every reference resolved."""
+
+    layer: Layer
+    forward_kind: int
+    training: bool
+    grad: bool
+    inference: bool
+    stats_changed: bool
+    batch: Optional[int]
+    param: Optional[float]  # dropout p, or BatchNorm momentum (None: cumulative average)
+    mode: Optional[ModeSet]
+    site: Optional[Site]
+    context: Context
+    first_step: int
+    last_step: int
+    first_forward: int
+    forwards: int
+    calls: int
+
+
+class _Bad(Exception):
+    """A line or field that is not what the format says (counted, then skipped)."""
+
+
+def _int(value: Any, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise _Bad
+    return value
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    return None if value is None else _int(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad
+    return value[:MAX_TEXT]
+
+
+def _opt_text(value: Any) -> Optional[str]:
+    return None if value is None else _text(value)
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _Bad
+    return value
+
+
+def _opt_float(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _Bad
+    return float(value)
+
+
+class LogReader:
+    """Iterates over one log: yields the Header first, then one Calls per row.
+
+    Raises LogFormatError (before yielding anything) when the file is missing, unreadable, empty,
+    not a modewatch log, or of a schema this version cannot read. After iteration, ``skipped``
+    counts lines that were not understood and ``truncated`` says whether the last one was cut off.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.skipped = 0
+        self.truncated = False
+        self.ended = False  # the writer closed the log properly
+        self.steps: Optional[int] = None  # optimizer steps, from the closing event
+        self.header: Optional[Header] = None
+        self._layers: dict = {}
+        self._sites: dict = {}
+        self._modes: dict = {}
+        self._contexts: dict = {0: NO_CONTEXT}
+
+    # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
+    # rows that refer to them are skipped, which keeps memory bounded for any input.
+    def _define(self, table: dict, key: int, value: Any) -> None:
+        if len(table) >= MAX_TABLE and key not in table:
+            raise _Bad
+        table[key] = value
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            file = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except IsADirectoryError:
+            raise LogFormatError(f"{self.path}: is a directory, not a log") from None
+        except FileNotFoundError:
+            raise LogFormatError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+        with file:
+            lines = self._lines(file)
+            first = next(lines, None)
+            if first is None:
+                raise LogFormatError(f"{self.path}: is empty, not a modewatch log")
+            self.header = self._read_header(first)
+            yield self.header
+            for raw in lines:
+                try:
+                    yield from self._read_event(raw)
+                except _Bad:
+                    self.skipped += 1
+
+    def _lines(self, file: IO[bytes]) -> Iterator[Optional[dict]]:
+        """Yield each non-blank line parsed (None where it is too long or not JSON)."""
+        while True:
+            try:
+                raw = file.readline(MAX_LINE)
+            except OSError as exc:
+                raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+            if not raw:
+                return
+            if not raw.endswith(b"\n"):
+                if len(raw) >= MAX_LINE:  # an overlong line: drop the rest of it unread
+                    while (more := file.readline(MAX_LINE)) and not more.endswith(b"\n"):
+                        pass
+                    yield None
+                    continue
+                self.truncated = True  # the last line, cut off (a killed job)
+            if raw.strip():
+                yield _parse(raw)
+
+    def _read_header(self, event: Optional[dict]) -> Header:
+        if not isinstance(event, dict) or event.get("event") != HEADER_EVENT:
+            raise LogFormatError(f"{self.path}: not a modewatch log (its first line is not a modewatch header)")
+        schema = event.get("schema")
+        if schema != SCHEMA:
+            raise LogFormatError(
+                f"{self.path}: log schema {schema!r} is not supported by modewatch {__version__} "
+                f"(it reads schema {SCHEMA})"
+            )
+        try:
+            argv = event.get("argv") or []
+            return Header(
+                schema=schema,
+                modewatch=_text(event.get("modewatch", "")),
+                torch=_opt_text(event.get("torch")),
+                python=_opt_text(event.get("python")),
+                pid=_opt_int(event.get("pid")),
+                argv=tuple(_text(a) for a in argv[:64]) if isinstance(argv, list) else (),
+                rank=_opt_int(event.get("rank")),
+                world_size=_opt_int(event.get("world_size")),
+            )
+        except _Bad:
+            raise LogFormatError(f"{self.path}: its modewatch header is damaged") from None
+
+    def _read_event(self, event: Optional[dict]) -> Iterator[Calls]:
+        if not isinstance(event, dict):
+            raise _Bad
+        kind = event.get("event")
+        if kind == "calls":
+            rows = event.get("rows")
+            if not isinstance(rows, list):
+                raise _Bad
+            for row in rows:
+                try:
+                    yield self._read_row(row)
+                except _Bad:
+                    self.skipped += 1
+        elif kind == "layer":
+            category = event.get("category")
+            if category not in CATEGORIES:
+                raise _Bad
+            self._define(self._layers, _int(event.get("id")), Layer(
+                name=_text(event.get("name")), kind=_text(event.get("kind")), category=category,
+                model=_int(event.get("model")), copy=event.get("copy_of") is not None,
+            ))
+        elif kind == "site":
+            self._define(self._sites, _int(event.get("id")), Site(
+                file=_text(event.get("file")), line=_int(event.get("line")),
+                function=_text(event.get("function")),
+            ))
+        elif kind == "mode":
+            call, scope = event.get("call"), event.get("scope")
+            if call not in ("train", "eval") or scope not in SCOPES:
+                raise _Bad
+            site = event.get("site")
+            self._define(self._modes, _int(event.get("id")), ModeSet(
+                site=None if site is None else self._ref(self._sites, site), call=call,
+                mode=_bool(event.get("mode")), target=_opt_text(event.get("target")), scope=scope,
+            ))
+        elif kind == "context":
+            allow = event.get("allow")
+            if not isinstance(allow, list) or len(allow) > 64:
+                raise _Bad
+            self._define(self._contexts, _int(event.get("id")), Context(
+                allow=frozenset(_text(rule) for rule in allow),
+                recalibration=_bool(event.get("recalibration")),
+            ))
+        elif kind == "end":
+            self.ended = True
+            steps = event.get("steps")
+            self.steps = steps if type(steps) is int and steps >= 0 else None
+        elif kind == HEADER_EVENT:
+            raise _Bad  # a second header: two logs written into one file
+        # Other events are from a newer minor writer of the same schema: ignored on purpose.
+
+    @staticmethod
+    def _ref(table: dict, key: Any) -> Any:
+        try:
+            return table[key]
+        except (KeyError, TypeError):
+            raise _Bad from None
+
+    def _read_row(self, row: Any) -> Calls:
+        if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
+            raise _Bad
+        layer, kind, flags, batch, param, mode, site, context, first, last, first_fwd, forwards, calls = row
+        if kind not in FORWARD_KINDS or _int(flags) > 15:
+            raise _Bad
+        first, last = _int(first), _int(last)
+        if last < first:
+            raise _Bad
+        return Calls(
+            layer=self._ref(self._layers, layer), forward_kind=kind,
+            training=bool(flags & TRAINING), grad=bool(flags & GRAD_ENABLED),
+            inference=bool(flags & INFERENCE), stats_changed=bool(flags & STATS_CHANGED),
+            batch=_opt_int(batch), param=_opt_float(param),
+            mode=None if mode is None else self._ref(self._modes, mode),
+            site=None if site is None else self._ref(self._sites, site),
+            context=self._ref(self._contexts, context),
+            first_step=first, last_step=last, first_forward=_int(first_fwd),
+            forwards=_int(forwards, 1), calls=_int(calls, 1),
+        )
+
+
+def _parse(raw: bytes) -> Optional[dict]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def is_log_name(name: str) -> bool:
+    """Whether a file found in a directory given to the analyzer is taken as a log."""
+    return name.endswith(".jsonl") and not name.startswith(".")
+
+
+def expand_paths(paths: list) -> list:
+    """Files named, plus the logs (``*.jsonl``) directly inside each directory named, sorted."""
+    found = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            logs = sorted(os.path.join(path, n) for n in os.listdir(path) if is_log_name(n))
+            if not logs:
+                raise LogFormatError(f"{path}: directory holds no modewatch log (*.jsonl)")
+            found.extend(logs)
+        else:
+            found.append(path)
+    return found

@@ -1,0 +1,65 @@
+"""Reporters: an Analysis in, a string out. No analysis happens here."""
+
+from __future__ import annotations
+
+import json
+
+from ._version import __version__
+from .analysis import Analysis, Finding
+
+
+def json_report(analysis: Analysis) -> str:
+    """The document of CONTRACT.md (``modewatch analyze --format json``)."""
+    document = {
+        "modewatch": __version__,
+        "findings": [finding.as_dict() for finding in analysis.findings],
+        "summary": analysis.summary,
+    }
+    return json.dumps(document, indent=2)
+
+
+def _site(site: dict) -> str:
+    return f"{site['file']}:{site['line']} in {site['function']}()"
+
+
+def _steps(finding: Finding) -> str:
+    if finding.first_step == finding.last_step:
+        return f"after step {finding.first_step}"
+    return f"steps {finding.first_step}-{finding.last_step}"
+
+
+def _headline(finding: Finding) -> str:
+    rank = "" if finding.rank is None else f"rank {finding.rank}: "
+    return f"{rank}{finding.cause}"
+
+
+def text_report(analysis: Analysis) -> str:
+    """For people: findings grouped by the mode call that caused them, each with its fix."""
+    summary = analysis.summary
+    counts = summary.get("findings", {})
+    logs = summary.get("logs", 0)
+    lines = [
+        f"modewatch {__version__}: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} warning(s), "
+        f"{counts.get('info', 0)} info in {logs} log{'s' if logs != 1 else ''} "
+        f"({summary.get('steps', 0):,} optimizer steps, {summary.get('layer_calls', 0):,} layer calls)"
+    ]
+    if summary.get("skipped_lines"):
+        lines.append(f"note: {summary['skipped_lines']} damaged or cut-off log line(s) were skipped")
+    for path in summary.get("truncated_logs", []):
+        lines.append(f"note: {path} ends mid-line (the job was killed?); analyzed up to there")
+    if not analysis.findings:
+        lines.append("No mode problems found.")
+        return "\n".join(lines) + "\n"
+    groups: dict = {}
+    for finding in analysis.findings:
+        groups.setdefault(_headline(finding), []).append(finding)
+    for headline, findings in groups.items():
+        lines.append("")
+        lines.append(f"{headline}:")
+        for finding in findings:
+            lines.append(f"  {finding.severity:<7} {finding.rule:<21} {finding.summary}")
+            where = f"first at {_site(finding.forward_site)}" if finding.forward_site else "first at an unknown line"
+            lines.append(f"  {'':<29} {finding.count:,} layer calls, {_steps(finding)}, {where}")
+        if findings[0].rule != "bn-recalibration":
+            lines.append(f"  fix: {findings[0].fix}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,235 @@
+"""What watch() records, and the promises it keeps inside other people's training loops."""
+
+import io
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import modewatch
+from modewatch import logfile, patches
+from conftest import Net, batches, findings_by_rule, line_of, train_step
+
+
+def recorded_calls(log):
+    """Every Calls record of a log, header dropped."""
+    return list(logfile.LogReader(log))[1:]
+
+
+def test_statistics_change_flag_matches_the_values(log):
+    """The recorded 'statistics changed' bit agrees with a before/after comparison of
+    running_mean, across train/eval, grad, no_grad and inference_mode."""
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), bn)
+    observed = []
+    settings = [(True, torch.enable_grad), (True, torch.no_grad), (True, torch.inference_mode),
+                (False, torch.enable_grad), (False, torch.no_grad), (False, torch.inference_mode)]
+    with modewatch.watch(model, log=log):
+        for training, context in settings:
+            model.train(training)
+            before = bn.running_mean.clone()
+            with context():
+                model(torch.randn(8, 4))
+            observed.append(not torch.equal(before, bn.running_mean))
+    recorded = [c.stats_changed for c in recorded_calls(log)]
+    assert observed == [True, True, True, False, False, False]
+    assert recorded == observed
+
+
+def test_call_state_is_recorded(log):
+    """Per call: mode, grad enabled, inference mode, batch size, p and momentum."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=0.2), nn.Dropout(0.25))
+    with modewatch.watch(model, log=log):
+        model(torch.randn(6, 4))
+        model.eval()
+        with torch.inference_mode():
+            model(torch.randn(3, 4))
+    norm_train, drop_train, norm_eval, drop_eval = recorded_calls(log)
+    assert (norm_train.layer.name, norm_train.layer.kind, norm_train.layer.category) == ("1", "BatchNorm1d", "norm")
+    assert (norm_train.training, norm_train.grad, norm_train.inference) == (True, True, False)
+    assert (norm_train.batch, norm_train.param) == (6, 0.2)
+    assert (drop_train.layer.category, drop_train.param) == ("dropout", 0.25)
+    assert (norm_eval.training, norm_eval.grad, norm_eval.inference, norm_eval.batch) == (False, False, True, 3)
+    assert drop_eval.mode.call == "eval"
+
+
+def test_outputs_and_gradients_are_unchanged(log):
+    """A watched model computes exactly what an unwatched one does (same seed)."""
+    def run(watched):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        watcher = modewatch.watch(model, log=log) if watched else None
+        losses = [train_step(model, opt, x, y).item() for x, y in batches(4)]
+        if watcher:
+            watcher.close()
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    (plain_losses, plain_params), (watched_losses, watched_params) = run(False), run(True)
+    assert plain_losses == watched_losses
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, watched_params))
+
+
+def test_training_on_the_meta_device_proves_no_value_is_read(log):
+    """On the meta device any read of a tensor value raises; a watched model trains there and
+    the seed bug is still found."""
+    with torch.device("meta"):
+        model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        for step in range(4):
+            x = torch.randn(16, 8, device="meta")
+            loss = model(x).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 1:
+                model.eval()
+    found = findings_by_rule(modewatch.analyze(log))
+    assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
+    assert found["train-without-dropout"].count == 2
+
+
+def test_ddp_wrapped_model_and_its_module_called_directly(log, tmp_path):
+    """A DDP-wrapped model is watched; evaluation through model.module is attributed with the
+    right forward and mode lines, and layer names are those of the wrapper."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Net())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with modewatch.watch(ddp, log=log):
+            for x, y in batches(3):
+                train_step(ddp, opt, x, y)
+            ddp.module.eval()  # <- ddp eval
+            with torch.no_grad():
+                ddp.module(torch.randn(4, 8))
+            for x, y in batches(2):
+                train_step(ddp, opt, x, y)
+    finally:
+        dist.destroy_process_group()
+    found = findings_by_rule(modewatch.analyze(log))
+    assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
+    finding = found["train-without-dropout"]
+    assert finding.layers == ["module.drop"]
+    assert finding.mode_site["line"] == line_of("ddp eval")
+    assert finding.forward_site["line"] == line_of("train forward", train_step)
+    assert (finding.first_step, finding.last_step) == (3, 4)
+    assert "model.eval()" in finding.message  # .module of a wrapper is the model itself
+
+
+def test_submodule_called_directly_is_its_own_forward(log):
+    """Calling a part of the model (model.features(x)) outside the model's forward is recorded
+    as a forward of its own, with the line that called it."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2))
+    with modewatch.watch(model, log=log), torch.no_grad():
+        model[0](torch.randn(8, 4))  # <- part called
+    finding = findings_by_rule(modewatch.analyze(log))["stat-update-in-eval"]
+    assert finding.forward_site["line"] == line_of("part called")
+    assert finding.layers == ["0.1"]
+
+
+def test_failure_inside_a_hook_warns_once_and_detaches(log, monkeypatch):
+    """A bug inside modewatch never reaches the user's code: one warning, hooks removed, the
+    training goes on with the same results."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = modewatch.watch(model, log=log)
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(watcher, "begin_forward", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches(3):
+            train_step(model, opt, x, y)
+    assert [str(w.message).count("boom") for w in caught] == [1]
+    assert not patches.active_watchers()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    watcher.close()
+
+
+def test_failure_with_warnings_as_errors_still_does_not_raise(log, monkeypatch, capsys):
+    """Under -W error a warning would raise; modewatch then writes its warning to stderr."""
+    model = Net()
+    watcher = modewatch.watch(model, log=log)
+    monkeypatch.setattr(watcher, "begin_forward", lambda frame: 1 / 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(4, 8))
+    assert "modewatch stopped watching" in capsys.readouterr().err
+    watcher.close()
+
+
+def test_unwritable_log_raises_at_once(tmp_path):
+    """watch() on a log it cannot create raises LogPathError naming the path, before training."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(modewatch.LogPathError, match="file/sub/log.jsonl"):
+        modewatch.watch(Net(), log=blocker / "sub" / "log.jsonl")
+    assert not patches.active_watchers()
+
+
+def test_log_path_substitution_and_environment(tmp_path, monkeypatch):
+    """{pid} and {rank} are substituted; without log=, MODEWATCH_LOG is used; PathLike works."""
+    monkeypatch.setenv("MODEWATCH_LOG", os.fspath(tmp_path / "env-{rank}-{pid}.jsonl"))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with modewatch.watch(Net()) as watcher:
+        pass
+    assert watcher.path == os.fspath(tmp_path / f"env-0-{os.getpid()}.jsonl")
+    with modewatch.watch(Net(), log=tmp_path / "nested" / "x-{pid}.jsonl") as watcher:
+        pass
+    assert os.path.exists(tmp_path / "nested" / f"x-{os.getpid()}.jsonl")
+
+
+def test_close_is_idempotent_and_off_means_off(log):
+    """close() twice is fine; afterwards no hook, no patch is left and the log is complete."""
+    model = Net()
+    train = nn.Module.__dict__["train"]
+    watcher = modewatch.watch(model, log=log)
+    assert nn.Module.__dict__["train"] is not train
+    watcher.close()
+    watcher.close()
+    assert nn.Module.__dict__["train"] is train
+    assert torch.autograd.backward.__module__ == "torch.autograd"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    reader = logfile.LogReader(log)
+    list(reader)
+    assert reader.ended and reader.skipped == 0
+
+
+def test_watched_model_can_be_saved_whole(log):
+    """torch.save(model) of a watched model works (the hooks pickle as inert functions)."""
+    model = Net()
+    with modewatch.watch(model, log=log):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded(torch.randn(4, 8))
+
+
+def test_watch_rejects_what_is_not_a_module(log):
+    """watch() says clearly what it needs."""
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        modewatch.watch(lambda x: x, log=log)
+    with pytest.raises(TypeError, match="unknown option 'layer'"):
+        modewatch.watch(Net(), log=log, layer="x")
+
+
+def test_mode_calls_are_recorded_once_per_user_call(log):
+    """model.train() on a deep model is one mode event, not one per submodule."""
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.1)) for _ in range(5)])
+    with modewatch.watch(model, log=log):
+        for _ in range(3):
+            model.train()
+            model.eval()
+    with open(log) as f:
+        events = [line for line in f if '"event":"mode"' in line]
+    assert len(events) == 2  # train() and eval() at their lines, each defined once
