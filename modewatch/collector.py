@@ -111,17 +111,28 @@ def _open_log(log: Any) -> logfile.LogWriter:
 class _Forward:
     """One forward of a watched model, until it is known whether it was a training forward."""
 
-    __slots__ = ("seq", "site", "context", "calls", "step", "kind", "probes", "resolved", "__weakref__")
+    __slots__ = ("seq", "site", "context", "calls", "step", "kind", "probes", "watches", "done", "resolved",
+                 "inference")
 
-    def __init__(self, seq: int, site: Optional[int], context: int, step: int):
+    def __init__(self, seq: int, site: Optional[int], context: int, step: int, done: collections.deque):
         self.seq = seq
         self.site = site
         self.context = context
-        self.step = step
-        self.calls: list = []  # (layer id, flags, batch, param, mode id, step) per layer call
+        self.step = step  # optimizer steps completed before it
+        self.calls: list = []  # (layer id, flags, batch, param, mode id) per layer call, in order
         self.kind = logfile.GRAPH_UNUSED  # raised by probes to INPUT_GRAD / PARAM_GRAD
         self.probes = 0  # probes alive
+        self.watches: list = []  # weak references to the probes
+        self.done = done  # the watcher's queue of forwards to resolve
         self.resolved = False
+        # Inference mode is read once per forward: tensors made under it cannot mix with
+        # autograd, so a forward runs wholly inside it or wholly outside.
+        self.inference = _is_inference()
+
+    def probe_died(self, _ref: Any) -> None:
+        self.probes -= 1
+        if self.probes <= 0:
+            self.done.append(self)
 
 
 class _Probe:
@@ -156,40 +167,56 @@ class _State(threading.local):
     depth: int = 0
 
 
-class _RootPreHook:
-    """Forward pre-hook of a watched model (and of the models it wraps)."""
+class _Hooks:
+    """Hooks are bound methods of these objects: CPython calls a bound method from torch's
+    ``_call_impl`` on its fast path, where a callable object would take the slow one.
+
+    A deep copy of the model (SWA, EMA) keeps the same hooks, so it stays watched by the same
+    watcher; pickling (``torch.save(model)``) turns them into no-ops, never pickling the watcher.
+    """
+
+    def __deepcopy__(self, memo: dict) -> "_Hooks":
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a watched model's hooks become when the model is pickled."""
+
+    def before(self, *args: Any) -> None:
+        return None
+
+    def after(self, *args: Any) -> None:
+        return None
+
+
+class _RootHooks(_Hooks):
+    """Pre- and post-hook of a watched model (and of the models it wraps): one forward each."""
 
     def __init__(self, watcher: "Watcher"):
         self.watcher = watcher
+        self.state = watcher.state
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def before(self, module: nn.Module, args: tuple) -> None:
         watcher = self.watcher
         if watcher.off:
             return
         try:
-            state = watcher.state
+            state = self.state
             state.depth += 1
             if state.depth == 1:
                 state.forward = watcher.begin_forward(sys._getframe(1))
         except Exception as exc:
             watcher.fail(exc)
 
-    def __deepcopy__(self, memo: dict) -> "_RootPreHook":
-        return self  # a deep copy of the model (SWA, EMA) stays watched by the same watcher
-
-    def __reduce__(self) -> Any:
-        return (_inert, ())  # torch.save(model) pickles a no-op hook, never the watcher
-
-
-class _RootHook(_RootPreHook):
-    """Forward hook of a watched model: ends the forward and probes its outputs."""
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
         watcher = self.watcher
         if watcher.off:
             return
         try:
-            state = watcher.state
+            state = self.state
             if state.depth > 0:
                 state.depth -= 1
             if state.depth == 0 and state.forward is not None:
@@ -199,62 +226,89 @@ class _RootHook(_RootPreHook):
             watcher.fail(exc)
 
 
-class _LayerHook(_RootPreHook):
-    """Forward hook of one Dropout/BatchNorm layer: appends one small tuple per call."""
+class _DropoutHooks(_Hooks):
+    """Forward hook of one Dropout layer: appends one small tuple per call, nothing else.
 
-    def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
-        super().__init__(watcher)
-        self.layer = layer
-        self.module_id = id(module)
-        self.is_norm = layer_category(module) == "norm"
-        # The tensor whose version counter moves when running statistics are updated:
-        # BatchNorm counts batches; InstanceNorm copies its statistics back into running_mean.
-        self.counter = "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked"
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        watcher = self.watcher
-        if watcher.off:
-            return
-        try:
-            layer = self.layer if id(module) == self.module_id else watcher.copy_layer(module, self.layer)
-            training = module.training
-            flags = training | (_is_grad_enabled() << 1) | (_is_inference() << 2)
-            if self.is_norm:
-                tracked = getattr(module, self.counter)
-                if tracked is not None and _version(tracked) != watcher.versions[layer]:
-                    flags |= logfile.STATS_CHANGED
-                batch = args[0].shape[0] if args and getattr(args[0], "ndim", 0) > 1 else None
-                param = module.momentum
-            else:
-                batch = None
-                param = module.p
-            mode_id, mode = watcher.layer_modes[layer]
-            call = (layer, flags, batch, param, mode_id if mode == training else None, watcher.step)
-            forward = watcher.state.forward
-            if forward is None:  # called outside any watched forward: it is its own forward
-                watcher.lone_call(call, output)
-            else:
-                forward.calls.append(call)
-        except Exception as exc:
-            watcher.fail(exc)
-
-
-class _NormPreHook(_LayerHook):
-    """Pre-hook of a BatchNorm layer: remembers the version of its statistics counter.
-
-    BatchNorm's num_batches_tracked moves when running statistics are updated (running_mean's
-    does not, on CPU). Reading ``_version`` reads no tensor value, so it costs no device sync.
+    The common case (the layer itself, inside a watched forward) is kept to a few attribute
+    reads; everything unusual (a deep copy, a call outside any forward, a closed watcher) goes
+    through ``Watcher.unusual_call``.
     """
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:  # type: ignore[override]
+    def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
+        self.watcher = watcher
+        self.layer = layer
+        self.module_id = id(module)
+        self.state = watcher.state
+        self.modes = watcher.layer_modes  # the watcher's list, updated in place
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            forward = self.state.forward
+            if forward is None or id(module) != self.module_id:
+                return self.watcher.unusual_call(self, module, args, output)
+            training = module.training
+            mode_id, mode = self.modes[self.layer]
+            forward.calls.append((self.layer, training | (_is_grad_enabled() << 1), None, module.p,
+                                  mode_id if mode == training else None))
+        except Exception as exc:
+            self.watcher.fail(exc)
+
+    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
+        """The recorded tuple of one call of ``module`` (as layer ``layer``), the slow way."""
+        training = module.training
+        mode_id, mode = self.modes[layer]
+        return (layer, training | (_is_grad_enabled() << 1), None, module.p, mode_id if mode == training else None)
+
+
+class _NormHooks(_DropoutHooks):
+    """Forward hook of one BatchNorm (or tracking InstanceNorm) layer.
+
+    Whether running statistics changed is measured by a version counter, which reads no tensor
+    value (no device sync): BatchNorm's num_batches_tracked moves when its statistics are updated
+    (running_mean's does not, on CPU); InstanceNorm copies its statistics back into running_mean.
+    For torch's own classes the version is compared with the one seen after the previous call,
+    in train mode only (so that a reset or load_state_dict in between is not taken for an update);
+    a subclass of unknown behaviour also gets ``before`` as a pre-hook, for an exact comparison.
+    """
+
+    def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
+        super().__init__(watcher, layer, module)
+        self.counter = "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked"
+        self.exact = not type(module).__module__.startswith("torch.")
+        self.versions = watcher.versions  # the watcher's list, updated in place
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            forward = self.state.forward
+            if forward is None or id(module) != self.module_id:
+                return self.watcher.unusual_call(self, module, args, output)
+            forward.calls.append(self.call(self.layer, module, args))
+        except Exception as exc:
+            self.watcher.fail(exc)
+
+    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
+        training = module.training
+        flags = training | (_is_grad_enabled() << 1)
+        tracked = module._buffers.get(self.counter)  # not getattr: Module.__getattr__ is slow
+        if tracked is not None:
+            version = _version(tracked)
+            if version != self.versions[layer] and (training or self.exact):
+                flags |= logfile.STATS_CHANGED
+            self.versions[layer] = version
+        shape = args[0].shape if args and isinstance(args[0], torch.Tensor) else ()
+        mode_id, mode = self.modes[layer]
+        return (layer, flags, shape[0] if len(shape) > 1 else None, module.momentum,
+                mode_id if mode == training else None)
+
+    def before(self, module: nn.Module, args: tuple) -> None:
         watcher = self.watcher
         if watcher.off:
             return
         try:
             layer = self.layer if id(module) == self.module_id else watcher.copy_layer(module, self.layer)
-            tracked = getattr(module, self.counter)
+            tracked = module._buffers.get(self.counter)
             if tracked is not None:
-                watcher.versions[layer] = _version(tracked)
+                self.versions[layer] = _version(tracked)
         except Exception as exc:
             watcher.fail(exc)
 
@@ -266,13 +320,9 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
-def _inert_hook(*args: Any) -> None:
-    """What a watched model's hooks become when the model is pickled."""
-    return None
-
-
-def _inert() -> Any:
-    return _inert_hook
+def _current_version(module: nn.Module) -> int:
+    tracked = getattr(module, "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked", None)
+    return -1 if tracked is None else _version(tracked)
 
 
 def _output_nodes(output: Any) -> list:
@@ -318,13 +368,13 @@ class Watcher:
         self._paths: dict = {}  # id(module) -> (model index, qualified name)
         self._model_level: set = set()  # ids of the watched models and what they wrap
         self._param_ids: set = set()
-        self._optimizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._optimizers: dict = {}  # id(optimizer) -> (weakref, holds a watched parameter)
         self._ids: dict = {}  # interned (kind, key) -> id, for sites, modes, contexts
         self._counts: collections.Counter = collections.Counter()  # ids given, per kind
         self._definitions: list = []  # (writer method, kwargs) not yet written
         self._done: collections.deque = collections.deque()  # forwards whose probes spoke
         self._pending: dict = {}  # seq -> forward whose graph may still be backpropagated
-        self._runs: dict = {}  # layer -> open run [key, first step, last step, first fwd, last fwd, forwards, calls]
+        self._runs: dict = {}  # (kind, site, context) -> the open _Run of identical forwards
         self._rows: list = []  # closed runs, not yet written
         self._seq = 0
         self._layer_names: list = []
@@ -361,21 +411,23 @@ class Watcher:
         self._model_level.update(id(m) for m in _unwrapped_chain(model))
         self._param_ids.update(id(p) for p in model.parameters())
         for root in _unwrapped_chain(model):
-            self._handles.append(root.register_forward_pre_hook(_RootPreHook(self)))
-            self._handles.append(root.register_forward_hook(_RootHook(self), always_call=True))
+            hooks = _RootHooks(self)
+            self._handles.append(root.register_forward_pre_hook(hooks.before))
+            self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
 
     def _add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
         layer = len(self._layer_names)
         self._layer_names.append(name)
-        self.versions.append(-1)
+        self.versions.append(-1 if category == "dropout" else _current_version(module))
         self.layer_modes.append(self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
         self._layer_of[id(module)] = layer
         self._define(self._writer.layer, id=layer, name=name, kind=type(module).__name__,
                      category=category, model=model, copy_of=copy_of)
         if copy_of is None:
-            if category == "norm":
-                self._handles.append(module.register_forward_pre_hook(_NormPreHook(self, layer, module)))
-            self._handles.append(module.register_forward_hook(_LayerHook(self, layer, module)))
+            hooks = (_NormHooks if category == "norm" else _DropoutHooks)(self, layer, module)
+            if getattr(hooks, "exact", False):
+                self._handles.append(module.register_forward_pre_hook(hooks.before))
+            self._handles.append(module.register_forward_hook(hooks.after))
         return layer
 
     def copy_layer(self, module: nn.Module, original: int) -> int:
@@ -398,8 +450,9 @@ class Watcher:
         if layer is not None:
             return layer
         for hook in module._forward_hooks.values():
-            if isinstance(hook, _LayerHook) and hook.watcher is self:
-                return self.copy_layer(module, hook.layer)
+            hooks = getattr(hook, "__self__", None)
+            if isinstance(hooks, _DropoutHooks) and hooks.watcher is self:
+                return self.copy_layer(module, hooks.layer)
         return None
 
     # ------------------------------------------------------------------ interning
@@ -436,7 +489,8 @@ class Watcher:
         self._drain()
         user, recalibrating = sites.user_frame(frame)
         self._seq += 1
-        return _Forward(self._seq, self._site(user), self._context(allowed_rules(), recalibrating), self.step)
+        return _Forward(self._seq, self._site(user), self._context(allowed_rules(), recalibrating), self.step,
+                        self._done)
 
     def end_forward(self, forward: _Forward, output: Any) -> None:
         if forward.calls:
@@ -445,27 +499,30 @@ class Watcher:
             if not nodes:
                 self._resolve(forward, logfile.NO_GRAPH)
             else:
-                with self._lock:
-                    for node in nodes:
-                        probe = _Probe(forward, self._done)
-                        node.register_prehook(probe)
-                        forward.probes += 1
-                        # The probe lives as long as the graph: its death means no more backward.
-                        weakref.finalize(probe, self._probe_died, forward)
-                    self._pending[forward.seq] = forward
-                    while len(self._pending) > MAX_PENDING:
-                        self._resolve(self._pending[next(iter(self._pending))])
+                for node in nodes:
+                    probe = _Probe(forward, self._done)
+                    node.register_prehook(probe)
+                    forward.probes += 1
+                    # The probe lives as long as the graph: its death means no more backward.
+                    forward.watches.append(weakref.ref(probe, forward.probe_died))
+                self._pending[forward.seq] = forward
+                while len(self._pending) > MAX_PENDING:
+                    self._resolve(self._pending[next(iter(self._pending))])
         self._drain()
         if time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
-    def _probe_died(self, forward: _Forward) -> None:
-        forward.probes -= 1
-        if forward.probes <= 0:
-            self._done.append(forward)
-
-    def lone_call(self, call: tuple, output: Any) -> None:
-        """A layer called outside any watched forward (``model.features(x)``): its own forward."""
+    def unusual_call(self, hooks: _DropoutHooks, module: nn.Module, args: tuple, output: Any) -> None:
+        """A layer call off the fast path: a deep copy of a layer, or a call outside any watched
+        forward (``model.features(x)``), which is then a forward of its own."""
+        if self.off:
+            return
+        layer = hooks.layer if id(module) == hooks.module_id else self.copy_layer(module, hooks.layer)
+        call = hooks.call(layer, module, args)
+        forward = self.state.forward
+        if forward is not None:
+            forward.calls.append(call)
+            return
         forward = self.begin_forward(sys._getframe(2))
         forward.calls.append(call)
         self.end_forward(forward, output)
@@ -516,11 +573,12 @@ class Watcher:
             self.fail(exc)
 
     def _steps_our_model(self, optimizer: Any) -> bool:
-        known = self._optimizers.get(optimizer)
-        if known is None:
-            known = self._optimizers[optimizer] = any(
-                id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
-        return known
+        """Whether ``optimizer`` holds a parameter of the watched model (cached per optimizer)."""
+        known = self._optimizers.get(id(optimizer))
+        if known is None or known[0]() is not optimizer:
+            known = self._optimizers[id(optimizer)] = (weakref.ref(optimizer), any(
+                id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"]))
+        return known[1]
 
     # ------------------------------------------------------------------ resolving and folding
 
@@ -532,31 +590,26 @@ class Watcher:
                 self._resolve(forward)
 
     def _resolve(self, forward: _Forward, kind: Optional[int] = None) -> None:
-        """Fold a finished forward's calls into runs, now that its kind is known."""
+        """Fold a finished forward into the run of identical forwards it continues, if any.
+
+        A run is keyed by what the forward was (kind, call site, context) and holds the exact
+        list of its layer calls: steady training compares one list per step and writes nothing.
+        """
         with self._lock:
             if forward.resolved:
                 return
             forward.resolved = True
             self._pending.pop(forward.seq, None)
-            kind = forward.kind if kind is None else kind
-            site, context, seq, runs = forward.site, forward.context, forward.seq, self._runs
-            for layer, flags, batch, param, mode, step in forward.calls:
-                key = (kind, flags, batch, param, mode, site, context)
-                run = runs.get(layer)
-                if run is not None and run[0] == key:
-                    if step < run[1]:
-                        run[1] = step
-                    if step > run[2]:
-                        run[2] = step
-                    if seq != run[4]:
-                        run[3] = min(run[3], seq)
-                        run[4] = seq
-                        run[5] += 1
-                    run[6] += 1
-                else:
-                    if run is not None:
-                        self._rows.append(_row(layer, run))
-                    runs[layer] = [key, step, step, seq, seq, 1, 1]
+            key = (forward.kind if kind is None else kind, forward.site, forward.context)
+            run = self._runs.get(key)
+            if forward.inference:
+                forward.calls = [(layer, flags | logfile.INFERENCE, *rest) for layer, flags, *rest in forward.calls]
+            if run is not None and run.calls == forward.calls:
+                run.add(forward)
+            else:
+                if run is not None:
+                    self._rows.extend(run.rows(key))
+                self._runs[key] = _Run(forward)
             forward.calls = []
 
     # ------------------------------------------------------------------ writing
@@ -567,7 +620,8 @@ class Watcher:
                 method(**fields)
             self._definitions.clear()
             if open_runs:
-                self._rows.extend(_row(layer, run) for layer, run in self._runs.items())
+                for key, run in self._runs.items():
+                    self._rows.extend(run.rows(key))
                 self._runs.clear()
             if self._rows:
                 self._writer.calls(self.step, self._rows)
@@ -647,9 +701,30 @@ class Watcher:
         return f"<modewatch.Watcher {state} {len(self._layer_names)} layers -> {self.path}>"
 
 
-def _row(layer: int, run: list) -> list:
-    kind, flags, batch, param, mode, site, context = run[0]
-    return [layer, kind, flags, batch, param, mode, site, context, run[1], run[2], run[3], run[5], run[6]]
+class _Run:
+    """Consecutive forwards of one kind, site and context that made exactly the same calls."""
+
+    __slots__ = ("calls", "first_step", "last_step", "first_forward", "forwards")
+
+    def __init__(self, forward: _Forward):
+        self.calls = forward.calls
+        self.first_step = self.last_step = forward.step
+        self.first_forward = forward.seq
+        self.forwards = 1
+
+    def add(self, forward: _Forward) -> None:
+        # Forwards are resolved roughly, not strictly, in order (a late backward): min and max.
+        self.first_step = min(self.first_step, forward.step)
+        self.last_step = max(self.last_step, forward.step)
+        self.first_forward = min(self.first_forward, forward.seq)
+        self.forwards += 1
+
+    def rows(self, key: tuple) -> list:
+        """The log rows of this run: one per distinct layer call of its forwards."""
+        kind, site, context = key
+        return [[layer, kind, flags, batch, param, mode, site, context, self.first_step, self.last_step,
+                 self.first_forward, self.forwards, self.forwards * times]
+                for (layer, flags, batch, param, mode), times in collections.Counter(self.calls).items()]
 
 
 def _inside_mode_method(frame: Any) -> bool:

@@ -1,0 +1,148 @@
+"""The command line: exit codes, formats, and one clear line for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import modewatch
+from modewatch.cli import main
+from conftest import Net, batches, train_step
+
+CONTRACT_KEYS = {"rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank",
+                 "forward_site", "mode_site"}
+
+
+@pytest.fixture(scope="module")
+def buggy_log(tmp_path_factory):
+    """A log of the seed bug: eval() in the loop, never train() again; plus one info finding."""
+    log = os.fspath(tmp_path_factory.mktemp("cli") / "buggy.jsonl")
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        for step, (x, y) in enumerate(batches(6)):
+            train_step(model, opt, x, y)
+            if step == 2:
+                model.eval()
+                model(x)  # eval mode, grad enabled, never backpropagated: eval-with-grad (info)
+    return log
+
+
+@pytest.fixture(scope="module")
+def clean_log(tmp_path_factory):
+    log = os.fspath(tmp_path_factory.mktemp("cli") / "clean.jsonl")
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        for x, y in batches(3):
+            train_step(model, opt, x, y)
+    return log
+
+
+def test_exit_codes_follow_fail_on(buggy_log, clean_log, capsys):
+    """0 when nothing reaches --fail-on, 1 when something does."""
+    assert main(["analyze", clean_log]) == 0
+    assert main(["analyze", buggy_log]) == 1
+    assert main(["analyze", buggy_log, "--fail-on", "never"]) == 0
+    assert main(["analyze", buggy_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train"]) == 0
+    assert main(["analyze", buggy_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train",
+                 "--fail-on", "info"]) == 1
+
+
+def test_json_output_has_the_contract_shape(buggy_log, capsys):
+    """--format json prints the CONTRACT document: version, findings with every key, summary."""
+    assert main(["analyze", buggy_log, "--format", "json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["modewatch"] == modewatch.__version__
+    assert isinstance(document["summary"], dict)
+    rules = {f["rule"]: f for f in document["findings"]}
+    assert set(rules) == {"train-without-dropout", "bn-frozen-in-train", "eval-with-grad"}
+    for finding in document["findings"]:
+        assert CONTRACT_KEYS <= set(finding)
+        assert set(finding["forward_site"]) == {"file", "line", "function"}
+    assert set(rules["train-without-dropout"]["mode_site"]) == {"file", "line", "function", "call"}
+    assert rules["train-without-dropout"]["mode_site"]["call"] == "eval"
+    assert rules["train-without-dropout"]["rank"] is None
+    assert [f["severity"] for f in document["findings"]] == ["error", "error", "info"]
+
+
+def test_text_output_groups_by_cause_with_the_fix(buggy_log, capsys):
+    """The text report names the mode call, the rules under it, the layers and one fix."""
+    main(["analyze", buggy_log])
+    out = capsys.readouterr().out
+    assert "model.eval() at " in out and "in test_cli.py" not in out
+    assert "left the model in eval mode:" in out
+    assert "train-without-dropout" in out and "(drop)" in out and "(bn1)" in out
+    assert "fix: call model.train()" in out
+
+
+def test_a_directory_is_analyzed_as_its_logs(buggy_log, capsys):
+    """analyze DIR reads the *.jsonl logs in it."""
+    assert main(["analyze", os.path.dirname(buggy_log), "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["summary"]["logs"] == 1
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"),
+    (b"", "is empty"),
+    (b"hello world\n", "not a modewatch log"),
+    (b'{"event": "something else"}\n', "not a modewatch log"),
+    (b'{"event": "modewatch", "schema": 99}\n', "schema 99 is not supported"),
+    (b"\xff\xfe\x00binary", "not a modewatch log"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, says):
+    """A missing, empty, foreign or future log: exit 2, one line on stderr naming the file."""
+    path = tmp_path / "input.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["analyze", os.fspath(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and says in err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    """Unknown rule, unknown format, no command: exit 2 with a short message."""
+    for argv in (["analyze", "x.jsonl", "--ignore", "no-such-rule"], ["analyze", "x", "--format", "xml"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            code = main(argv)
+            raise SystemExit(code)
+        assert exit_info.value.code == 2
+
+
+def test_cut_off_log_is_analyzed_and_the_skip_is_said(buggy_log, tmp_path, capsys):
+    """A log cut mid-line (a killed job) is analyzed; the report says a line was skipped."""
+    data = open(buggy_log, "rb").read()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(data[: data.rindex(b'{"event":"end"') + 10])
+    assert main(["analyze", os.fspath(cut)]) == 1
+    out = capsys.readouterr().out
+    assert "skipped" in out and "ends mid-line" in out
+
+
+def test_cli_and_analyzer_import_no_torch(buggy_log):
+    """Logs can be analyzed where torch is not installed: the CLI never imports it."""
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['modewatch', 'analyze', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('modewatch', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, buggy_log], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "train-without-dropout" in result.stdout
+
+
+def test_console_script_and_module_agree(buggy_log):
+    """`modewatch` (console script) and `python -m modewatch` give the same report and code."""
+    script = os.path.join(os.path.dirname(sys.executable), "modewatch")
+    by_module = subprocess.run([sys.executable, "-m", "modewatch", "analyze", buggy_log, "--format", "json"],
+                               capture_output=True, text=True)
+    by_script = subprocess.run([script, "analyze", buggy_log, "--format", "json"], capture_output=True, text=True)
+    assert by_module.returncode == by_script.returncode == 1
+    assert by_module.stdout == by_script.stdout
