@@ -159,14 +159,18 @@ def _mode_dict(mode: Optional[ModeSet]) -> Optional[dict]:
     return {**_site_dict(mode.site), "call": mode.call}
 
 
+def _target_text(mode: ModeSet, layer: str) -> str:
+    """What a mode call was made on, in words: ``model``, ``model.encoder``, or ``layer``."""
+    if mode.scope == "layer":
+        return layer
+    if not mode.target or mode.scope == "model":
+        return "model"
+    return f"model.{mode.target}"
+
+
 def mode_call_text(mode: ModeSet) -> str:
     """How the user wrote the call: ``model.eval()``, ``model.encoder.train(False)``."""
-    if mode.scope == "layer":
-        target = "layer"
-    elif not mode.target or mode.scope == "model":
-        target = "model"
-    else:
-        target = f"model.{mode.target}"
+    target = _target_text(mode, "layer")
     if mode.call == "eval":
         return f"{target}.eval()"
     return f"{target}.train()" if mode.mode else f"{target}.train(False)"
@@ -188,12 +192,8 @@ def _cause_text(mode: Optional[ModeSet], rule: str) -> str:
 def _headline(mode: Optional[ModeSet], rule: str) -> str:
     if mode is None:
         return _cause_text(mode, rule)
-    if mode.scope == "layer":
-        what = "the layers"
-    elif not mode.target or mode.scope == "model":
-        what = "the model"
-    else:
-        what = f"model.{mode.target}"
+    what = _target_text(mode, "the layers")
+    what = "the model" if what == "model" else what
     return f"{_cause_text(mode, rule)} left {what} in {'train' if mode.mode else 'eval'} mode"
 
 

@@ -515,7 +515,9 @@ class Watcher:
     def unusual_call(self, hooks: _DropoutHooks, module: nn.Module, args: tuple, output: Any) -> None:
         """A layer call off the fast path: a deep copy of a layer, or a call outside any watched
         forward (``model.features(x)``), which is then a forward of its own."""
-        if self.off:
+        if self.off or patches.backward_running():
+            # During a backward, a layer call is activation checkpointing recomputing a forward
+            # that was already recorded: recording it again would count it twice.
             return
         layer = hooks.layer if id(module) == hooks.module_id else self.copy_layer(module, hooks.layer)
         call = hooks.call(layer, module, args)

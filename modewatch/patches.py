@@ -30,6 +30,11 @@ _step_hook = None
 _backward_kinds: list = []
 
 
+def backward_running() -> bool:
+    """Whether a backward started through torch.autograd.backward/grad is in progress."""
+    return bool(_backward_kinds)
+
+
 _GRAD_CODES = (torch.autograd.grad.__code__, torch.autograd.backward.__code__)
 
 

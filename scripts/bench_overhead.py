@@ -1,6 +1,6 @@
 """Training-step overhead of modewatch.watch(), against bare training and against empty hooks.
 
-    python scripts/bench_overhead.py [--rounds 15] [--steps 200]
+    python scripts/bench_overhead.py [--rounds 201] [--steps 20] [--conv-steps 3]
 
 Two models, as issue 2 sets them:
 - hook-bound: 12 blocks of Linear(16,16)/BatchNorm1d/ReLU/Dropout, batch 8, one CPU thread.
@@ -101,9 +101,9 @@ def paired(times: dict, a: str, b: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--conv-steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=201)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--conv-steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = tempfile.mkdtemp(prefix="modewatch-bench-")

@@ -356,3 +356,30 @@ def test_copy_deepcopied_before_watch_is_not_watched(log):
     with modewatch.watch(model, log=log), torch.no_grad():
         twin(torch.randn(4, 8))
     assert modewatch.analyze(log).summary["layer_calls"] == 0
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_is_not_an_evaluation(log, reentrant):
+    """torch.utils.checkpoint recomputes the forward during backward (in train mode, reentrant
+    under no_grad first): that is training, not a stat-update-in-eval or dropout-in-eval."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.3))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=reentrant))
+
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def body():
+        for x, y in batches(3, features=4):
+            train_step(model, opt, x.requires_grad_(), y)
+
+    analysis = analyze_run(log, model, body)
+    assert analysis.findings == []
+    assert analysis.summary["layer_calls"] == 6  # the recomputations are not counted twice
