@@ -170,10 +170,10 @@ def _target_text(mode: ModeSet, layer: str) -> str:
 
 def mode_call_text(mode: ModeSet) -> str:
     """How the user wrote the call: ``model.eval()``, ``model.encoder.train(False)``."""
-    target = _target_text(mode, "layer")
-    if mode.call == "eval":
-        return f"{target}.eval()"
-    return f"{target}.train()" if mode.mode else f"{target}.train(False)"
+    call = "eval()" if mode.call == "eval" else "train()" if mode.mode else "train(False)"
+    if mode.scope == "layer":  # called on each layer, under whatever name the loop gave it
+        return f".{call} on each layer"
+    return f"{_target_text(mode, 'layer')}.{call}"
 
 
 TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration")

@@ -1,7 +1,7 @@
 """``modewatch`` / ``python -m modewatch``: a thin layer over the analysis and the reporters.
 
 Exit codes: 0 no finding at or above --fail-on; 1 there are such findings; 2 usage or input
-error, told in one line on stderr. Imports no torch (``run`` imports it in the child program).
+error, told in one line on stderr. Imports no torch.
 """
 
 from __future__ import annotations

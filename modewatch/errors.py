@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DOCS = "https://modewatch.readthedocs.io/en/latest/errors/"
+DOCS = "modewatch's docs/errors.md"
 
 
 class ModewatchError(Exception):

@@ -191,6 +191,9 @@ class Calls:
     calls: int
 
 
+_END = object()  # no line at all, as opposed to a line that is not JSON (None)
+
+
 class _Bad(Exception):
     """A line or field that is not what the format says (counted, then skipped)."""
 
@@ -267,8 +270,8 @@ class LogReader:
             raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
         with file:
             lines = self._lines(file)
-            first = next(lines, None)
-            if first is None:
+            first = next(lines, _END)
+            if first is _END:
                 raise LogFormatError(f"{self.path}: is empty, not a modewatch log")
             self.header = self._read_header(first)
             yield self.header

@@ -47,6 +47,10 @@ def text_report(analysis: Analysis) -> str:
         lines.append(f"note: {summary['skipped_lines']} damaged or cut-off log line(s) were skipped")
     for path in summary.get("truncated_logs", []):
         lines.append(f"note: {path} ends mid-line (the job was killed?); analyzed up to there")
+    for path in summary.get("unclosed_logs", []):
+        if path not in summary.get("truncated_logs", []):
+            lines.append(f"note: {path} was not closed (the job was killed or is still running); "
+                         f"calls of its last second may be missing")
     if not analysis.findings:
         lines.append("No mode problems found.")
         return "\n".join(lines) + "\n"
@@ -60,6 +64,7 @@ def text_report(analysis: Analysis) -> str:
             lines.append(f"  {finding.severity:<7} {finding.rule:<21} {finding.summary}")
             where = f"first at {_site(finding.forward_site)}" if finding.forward_site else "first at an unknown line"
             lines.append(f"  {'':<29} {finding.count:,} layer calls, {_steps(finding)}, {where}")
-        if findings[0].rule != "bn-recalibration":
-            lines.append(f"  fix: {findings[0].fix}")
+        actionable = [f for f in findings if f.severity != "info" or f.rule == "eval-with-grad"]
+        if actionable:  # deliberate freezing and recalibration need no fix
+            lines.append(f"  fix: {actionable[0].fix}")
     return "\n".join(lines) + "\n"

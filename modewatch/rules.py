@@ -1,4 +1,4 @@
-"""The rule table of CONTRACT.md: ids, severities and the one-line fix for each.
+"""The rule table (docs/rules.md): ids, severities and the one-line fix for each.
 
 Kept apart from the analysis so that ``allow()`` and the CLI can validate rule ids without
 loading anything else.

@@ -11,11 +11,13 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 
-import torch
-from torch import nn
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy says so
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-import modewatch
+import modewatch  # noqa: E402
 
 
 class Net(nn.Module):

@@ -102,6 +102,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, says):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and says in err
     assert "Traceback" not in err
+    assert ("is empty" in err) == (content == b"")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -111,6 +112,15 @@ def test_usage_errors_exit_2(capsys):
             code = main(argv)
             raise SystemExit(code)
         assert exit_info.value.code == 2
+
+
+def test_log_of_a_killed_job_says_so(buggy_log, tmp_path, capsys):
+    """A log with no closing event (the job was killed) is analyzed, and the report says it."""
+    lines = open(buggy_log).read().splitlines(keepends=True)
+    cut = tmp_path / "killed.jsonl"
+    cut.write_text("".join(lines[:-1]))
+    assert main(["analyze", os.fspath(cut)]) == 1
+    assert "was not closed" in capsys.readouterr().out
 
 
 def test_cut_off_log_is_analyzed_and_the_skip_is_said(buggy_log, tmp_path, capsys):
