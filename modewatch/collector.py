@@ -383,6 +383,7 @@ class Watcher:
         self._failed = False
         self._closed = False
         self._last_flush = time.monotonic()
+        self._since_clock = 0  # forwards since the clock was last read
         self._writer.header(
             torch=torch.__version__, python=sys.version.split()[0], pid=os.getpid(),
             argv=list(sys.argv), rank=_rank(), world_size=_world_size(), time=time.time(),
@@ -486,7 +487,8 @@ class Watcher:
     # ------------------------------------------------------------------ events from the hooks
 
     def begin_forward(self, frame: Any) -> _Forward:
-        self._drain()
+        if self._done:  # forwards whose graph died since: resolve them first, to keep the order
+            self._drain()
         user, recalibrating = sites.user_frame(frame)
         self._seq += 1
         return _Forward(self._seq, self._site(user), self._context(allowed_rules(), recalibrating), self.step,
@@ -509,8 +511,11 @@ class Watcher:
                 while len(self._pending) > MAX_PENDING:
                     self._resolve(self._pending[next(iter(self._pending))])
         self._drain()
-        if time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+        self._since_clock += 1
+        if self._since_clock >= 16:  # reading the clock every forward costs more than it saves
+            self._since_clock = 0
+            if time.monotonic() - self._last_flush > self.flush_seconds:
+                self.flush()
 
     def unusual_call(self, hooks: _DropoutHooks, module: nn.Module, args: tuple, output: Any) -> None:
         """A layer call off the fast path: a deep copy of a layer, or a call outside any watched

@@ -233,3 +233,57 @@ def test_mode_calls_are_recorded_once_per_user_call(log):
     with open(log) as f:
         events = [line for line in f if '"event":"mode"' in line]
     assert len(events) == 2  # train() and eval() at their lines, each defined once
+
+
+def test_lazy_subclassed_and_sync_batchnorm_are_watched(log):
+    """Lazy BatchNorm, a user subclass (measured exactly, with a pre-hook) and SyncBatchNorm are
+    all watched; the subclass's statistics-change bit matches its values."""
+
+    class MyNorm(nn.BatchNorm1d):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyBatchNorm1d(), MyNorm(4), nn.SyncBatchNorm(4))
+    with modewatch.watch(model, log=log):
+        model.eval()  # SyncBatchNorm needs a process group only in train mode
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        model[1].train()
+        model[2].train()
+        before = model[2].running_mean.clone()
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        changed = not torch.equal(before, model[2].running_mean)
+    calls = recorded_calls(log)
+    assert sorted({c.layer.name for c in calls}) == ["1", "2", "3"]
+    assert {c.layer.kind for c in calls} >= {"MyNorm", "SyncBatchNorm"}
+    second = {c.layer.name: c for c in calls if c.training or c.stats_changed}
+    assert changed and second["2"].stats_changed and second["1"].stats_changed
+    assert not any(c.stats_changed for c in calls if c.layer.name == "3")
+
+
+def test_models_in_several_threads_are_recorded_apart(log):
+    """Two threads running the watched model at once: each forward gets its own calls."""
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    model.eval()
+    errors = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                for _ in range(50):
+                    model(torch.randn(2, 4))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with modewatch.watch(model, log=log):
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    calls = recorded_calls(log)
+    assert sum(c.calls for c in calls) == 100
+    assert sum(c.forwards for c in calls) == 100
