@@ -126,8 +126,12 @@ class _Cause:
 
     def add(self, calls: Calls, log_index: int) -> None:
         self.count += calls.calls
-        self.first_step = calls.first_step if self.first_step is None else min(self.first_step, calls.first_step)
-        self.last_step = calls.last_step if self.last_step is None else max(self.last_step, calls.last_step)
+        if self.first_step is None:
+            self.first_step, self.last_step = calls.first_step, calls.last_step
+        elif calls.first_step < self.first_step:
+            self.first_step = calls.first_step
+        if calls.last_step > self.last_step:
+            self.last_step = calls.last_step
         order = (log_index, calls.first_step, calls.first_forward)
         if self.first_forward is None or order < self.first_forward:
             self.first_forward, self.forward_site = order, calls.site
@@ -238,6 +242,24 @@ def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
     return text
 
 
+def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], causes: dict,
+                summary: dict) -> list:
+    """The causes (made as needed) that calls in this state count towards."""
+    fed = []
+    for rule, severity in rules_for(calls, small_batch):
+        if rule in ignored or rule in calls.context.allow:
+            continue
+        key = (rule, severity, _cause_key(calls.mode), rank)
+        cause = causes.get(key)
+        if cause is None:
+            if len(causes) >= MAX_CAUSES:
+                summary["dropped_causes"] += 1
+                continue
+            cause = causes[key] = _Cause(rule, severity, calls.mode, rank)
+        fed.append(cause)
+    return fed
+
+
 def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH) -> Analysis:
     """Analyze saved logs (files, or directories of ``*.jsonl`` logs) and return the findings.
 
@@ -257,19 +279,19 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
         header = next(records)
         rank = header.rank if header.world_size not in (None, 1) else None
         last_step = 0
+        # The causes a row's state feeds, worked out once per distinct state: rows repeat it.
+        fed_by_state: dict = {}
         for calls in records:
             summary["layer_calls"] += calls.calls
-            last_step = max(last_step, calls.last_step)
-            for rule, severity in rules_for(calls, small_batch):
-                if rule in ignored or rule in calls.context.allow:
-                    continue
-                key = (rule, severity, _cause_key(calls.mode), rank)
-                cause = causes.get(key)
-                if cause is None:
-                    if len(causes) >= MAX_CAUSES:
-                        summary["dropped_causes"] += 1
-                        continue
-                    cause = causes[key] = _Cause(rule, severity, calls.mode, rank)
+            if calls.last_step > last_step:
+                last_step = calls.last_step
+            state = calls[:11]  # the state of the calls, without their counts and steps
+            fed = fed_by_state.get(state)
+            if fed is None:
+                fed = _causes_for(calls, small_batch, ignored, rank, causes, summary)
+                if len(fed_by_state) < MAX_CAUSES:
+                    fed_by_state[state] = fed
+            for cause in fed:
                 cause.add(calls, index)
         summary["logs"] += 1
         summary["steps"] = max(summary["steps"], last_step if reader.steps is None else reader.steps)

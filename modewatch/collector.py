@@ -42,6 +42,7 @@ FLUSH_SECONDS = 1.0  # a killed job loses at most about this much of its log
 MAX_PENDING = 1024  # forwards whose graph is still alive; past it the oldest are resolved
 STALE_STEPS = 4  # a forward not backpropagated after this many optimizer steps is evaluation
 MAX_OUTPUT_TENSORS = 32  # outputs that get a probe, per forward
+MAX_ROWS_PER_LINE = 2048  # rows buffered before they are written, whatever the clock says
 
 _is_grad_enabled = torch._C.is_grad_enabled
 _is_inference = torch.is_inference_mode_enabled
@@ -616,6 +617,8 @@ class Watcher:
             else:
                 if run is not None:
                     self._rows.extend(run.rows(key))
+                    if len(self._rows) >= MAX_ROWS_PER_LINE:  # a mode change every step: keep lines short
+                        self._write()
                 self._runs[key] = _Run(forward)
             forward.calls = []
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, NamedTuple, Optional
 
 import structlog
 
@@ -121,8 +120,7 @@ MAX_TABLE = 200_000  # entries per id table; past it, definitions are skipped
 MAX_TEXT = 4096  # characters of a name or path that are kept
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     schema: int
     modewatch: str
     torch: Optional[str]
@@ -133,8 +131,7 @@ class Header:
     world_size: Optional[int]
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     name: str
     kind: str
     category: str  # "dropout" or "norm"
@@ -142,15 +139,13 @@ class Layer:
     copy: bool  # a deep copy of a watched layer, found when it was first called
 
 
-@dataclass(frozen=True)
-class Site:
+class Site(NamedTuple):
     file: str
     line: int
     function: str
 
 
-@dataclass(frozen=True)
-class ModeSet:
+class ModeSet(NamedTuple):
     """One `.train()`/`.eval()` call site, with the mode it set and the module it was called on."""
 
     site: Optional[Site]
@@ -160,8 +155,7 @@ class ModeSet:
     scope: str  # "model", "submodule", "layer" or "outside" (a wrapper above the model)
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     allow: frozenset
     recalibration: bool
 
@@ -169,8 +163,7 @@ class Context:
 NO_CONTEXT = Context(frozenset(), False)
 
 
-@dataclass(frozen=True)
-class Calls:
+class Calls(NamedTuple):
     """A run of identical layer calls, with every reference resolved."""
 
     layer: Layer
@@ -191,6 +184,7 @@ class Calls:
     calls: int
 
 
+_new_calls = tuple.__new__  # NamedTuple's own __new__ is a Python function: too slow for rows
 _END = object()  # no line at all, as opposed to a line that is not JSON (None)
 
 
@@ -251,6 +245,7 @@ class LogReader:
         self._sites: dict = {}
         self._modes: dict = {}
         self._contexts: dict = {0: NO_CONTEXT}
+        self._states: dict = {}  # a row's first eight fields -> their checked, resolved values
 
     # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
     # rows that refer to them are skipped, which keeps memory bounded for any input.
@@ -258,6 +253,7 @@ class LogReader:
         if len(table) >= MAX_TABLE and key not in table:
             raise _Bad
         table[key] = value
+        self._states.clear()  # resolved rows may refer to what this redefines
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -275,9 +271,18 @@ class LogReader:
                 raise LogFormatError(f"{self.path}: is empty, not a modewatch log")
             self.header = self._read_header(first)
             yield self.header
-            for raw in lines:
+            read_row = self._read_row
+            for event in lines:
+                # Rows inline (not through _read_event): this loop is most of an analysis.
+                if type(event) is dict and event.get("event") == "calls" and type(event.get("rows")) is list:
+                    for row in event["rows"]:
+                        try:
+                            yield read_row(row)
+                        except _Bad:
+                            self.skipped += 1
+                    continue
                 try:
-                    yield from self._read_event(raw)
+                    self._read_event(event)
                 except _Bad:
                     self.skipped += 1
 
@@ -324,19 +329,13 @@ class LogReader:
         except _Bad:
             raise LogFormatError(f"{self.path}: its modewatch header is damaged") from None
 
-    def _read_event(self, event: Optional[dict]) -> Iterator[Calls]:
+    def _read_event(self, event: Optional[dict]) -> None:
+        """A definition or closing event (rows are read by __iter__)."""
         if not isinstance(event, dict):
             raise _Bad
         kind = event.get("event")
         if kind == "calls":
-            rows = event.get("rows")
-            if not isinstance(rows, list):
-                raise _Bad
-            for row in rows:
-                try:
-                    yield self._read_row(row)
-                except _Bad:
-                    self.skipped += 1
+            raise _Bad  # one whose rows are not a list
         elif kind == "layer":
             category = event.get("category")
             if category not in CATEGORIES:
@@ -383,25 +382,37 @@ class LogReader:
             raise _Bad from None
 
     def _read_row(self, row: Any) -> Calls:
-        if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
+        # The hot loop of every analysis. A row's first eight fields (its state) repeat across
+        # rows, so they are checked and resolved once and cached; the counts are checked inline.
+        if type(row) is not list or len(row) != 13:
             raise _Bad
-        layer, kind, flags, batch, param, mode, site, context, first, last, first_fwd, forwards, calls = row
-        if kind not in FORWARD_KINDS or _int(flags) > 15:
+        first, last, first_fwd, forwards, calls = row[8:]
+        if (type(first) is not int or type(last) is not int or not 0 <= first <= last
+                or type(first_fwd) is not int or first_fwd < 0
+                or type(forwards) is not int or forwards < 1 or type(calls) is not int or calls < 1):
             raise _Bad
-        first, last = _int(first), _int(last)
-        if last < first:
+        try:
+            state = self._states[tuple(row[:8])]
+        except TypeError:  # an unhashable field: not what the format says
+            raise _Bad from None
+        except KeyError:
+            state = self._resolve_state(row)
+        return _new_calls(Calls, (*state, first, last, first_fwd, forwards, calls))
+
+    def _resolve_state(self, row: list) -> tuple:
+        layer, kind, flags, batch, param, mode, site, context = row[:8]
+        if kind not in FORWARD_KINDS or type(flags) is not int or not 0 <= flags <= 15:
             raise _Bad
-        return Calls(
-            layer=self._ref(self._layers, layer), forward_kind=kind,
-            training=bool(flags & TRAINING), grad=bool(flags & GRAD_ENABLED),
-            inference=bool(flags & INFERENCE), stats_changed=bool(flags & STATS_CHANGED),
-            batch=_opt_int(batch), param=_opt_float(param),
-            mode=None if mode is None else self._ref(self._modes, mode),
-            site=None if site is None else self._ref(self._sites, site),
-            context=self._ref(self._contexts, context),
-            first_step=first, last_step=last, first_forward=_int(first_fwd),
-            forwards=_int(forwards, 1), calls=_int(calls, 1),
+        state = (
+            self._ref(self._layers, layer), kind, bool(flags & TRAINING), bool(flags & GRAD_ENABLED),
+            bool(flags & INFERENCE), bool(flags & STATS_CHANGED), _opt_int(batch), _opt_float(param),
+            None if mode is None else self._ref(self._modes, mode),
+            None if site is None else self._ref(self._sites, site),
+            self._ref(self._contexts, context),
         )
+        if len(self._states) < MAX_TABLE:
+            self._states[tuple(row[:8])] = state
+        return state
 
 
 def _parse(raw: bytes) -> Optional[dict]:
