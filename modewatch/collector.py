@@ -11,8 +11,9 @@ encoded or written. Everything else happens once per forward, per step or per fl
   graph is freed with no such backward, it was an evaluation forward (see logfile.FORWARD_KINDS).
   Probes only mark forwards and queue them; the queue is drained at safe points (forward start
   and end, optimizer step, close), since a probe may fire on another thread or inside GC.
-- Resolved calls are folded: consecutive calls of a layer in identical state become one row
-  (counts and step range), so the log grows with changes, not with steps.
+- Resolved forwards are folded: consecutive forwards of the same kind, call site and context
+  that made exactly the same layer calls become one run (counts and step range), written as
+  one row per distinct layer call; the log grows with changes, not with steps.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ class Watcher:
         self.flush_seconds = flush_seconds
         self.state = _State()
         self.step = 0
-        self.versions: list = []  # per layer: version of num_batches_tracked before the call
+        self.versions: list = []  # per norm layer: its statistics counter's version after its last call
         self.layer_modes: list = []  # per layer: (mode id, mode) of the last train()/eval() reaching it
         self._lock = threading.RLock()
         self._layer_of: dict = {}  # id(module) -> layer id, for watched layers and their copies

@@ -16,30 +16,30 @@ CONTRACT_KEYS = {"rule", "severity", "message", "layers", "count", "first_step",
                  "forward_site", "mode_site"}
 
 
-@pytest.fixture(scope="module")
-def buggy_log(tmp_path_factory):
-    """A log of the seed bug: eval() in the loop, never train() again; plus one info finding."""
-    log = os.fspath(tmp_path_factory.mktemp("cli") / "buggy.jsonl")
+def record(log, evaluate_at=None):
+    """Train a small model watched; at step ``evaluate_at`` call eval() and never train() again,
+    with one grad-enabled forward in eval mode (eval-with-grad, an info finding)."""
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with modewatch.watch(model, log=log):
         for step, (x, y) in enumerate(batches(6)):
             train_step(model, opt, x, y)
-            if step == 2:
+            if step == evaluate_at:
                 model.eval()
-                model(x)  # eval mode, grad enabled, never backpropagated: eval-with-grad (info)
+                model(x)
     return log
 
 
 @pytest.fixture(scope="module")
+def buggy_log(tmp_path_factory):
+    """A log of the seed bug: eval() in the loop, never train() again; plus one info finding."""
+    return record(os.fspath(tmp_path_factory.mktemp("cli") / "buggy.jsonl"), evaluate_at=2)
+
+
+@pytest.fixture(scope="module")
 def clean_log(tmp_path_factory):
-    log = os.fspath(tmp_path_factory.mktemp("cli") / "clean.jsonl")
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with modewatch.watch(model, log=log):
-        for x, y in batches(3):
-            train_step(model, opt, x, y)
-    return log
+    """A log of a correct training loop."""
+    return record(os.fspath(tmp_path_factory.mktemp("cli") / "clean.jsonl"))
 
 
 def test_exit_codes_follow_fail_on(buggy_log, clean_log, capsys):
