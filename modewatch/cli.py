@@ -1,12 +1,14 @@
 """``modewatch`` / ``python -m modewatch``: a thin layer over the analysis and the reporters.
 
 Exit codes: 0 no finding at or above --fail-on; 1 there are such findings; 2 usage or input
-error, told in one line on stderr. Imports no torch.
+error, told in one line on stderr. Imports no torch (``run`` leaves that to the program it runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
 import sys
 from typing import Optional, Sequence
 
@@ -36,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="do not report this rule (repeatable)")
     analyze.add_argument("--small-batch", type=int, default=8, metavar="N",
                          help="bn-small-batch fires under N samples (default: 8)")
+    commands.add_parser("run", help="run a program instrumented, as MODEWATCH=1 would", usage=RUN_USAGE[7:],
+                        description="Run a Python program with every model watched, as MODEWATCH=1 would.")
     return parser
 
 
@@ -49,7 +53,52 @@ def _analyze(args: argparse.Namespace) -> int:
     return FINDINGS if result.failing(args.fail_on) else OK
 
 
+RUN_USAGE = "usage: modewatch run [--log PATH] script.py [args...]  |  modewatch run [--log PATH] -m module [args...]"
+
+
+def _run(argv: list) -> int:
+    """``modewatch run``: the program, instrumented exactly as MODEWATCH=1 would instrument it.
+
+    Options end at the script or ``-m module``; everything after belongs to the program, whose
+    own exit status (or exception) is this command's.
+    """
+    log = None
+    while argv and argv[0].startswith("--log"):
+        if argv[0] == "--log" and len(argv) > 1:
+            log, argv = argv[1], argv[2:]
+        elif argv[0].startswith("--log="):
+            log, argv = argv[0][len("--log="):], argv[1:]
+        else:
+            break
+    if not argv or argv[0] in ("-h", "--help") or argv == ["-m"] or (argv[0].startswith("-") and argv[0] != "-m"):
+        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
+        stream.write(RUN_USAGE + "\n")
+        return OK if stream is sys.stdout else USAGE
+    os.environ["MODEWATCH"] = "1"  # also for the program's own child processes
+    if log is not None:
+        os.environ["MODEWATCH_LOG"] = log
+    from . import _startup
+
+    _startup.install()
+    if argv[0] == "-m":
+        sys.argv = argv[1:]
+        sys.path[0] = os.getcwd()  # as `python -m` has it
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return OK
+    script = argv[0]
+    if not os.path.isfile(script):
+        sys.stderr.write(f"modewatch: error: {script}: no such file (see 'modewatch run --help')\n")
+        return USAGE
+    sys.argv = list(argv)
+    sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` has it
+    runpy.run_path(script, run_name="__main__")
+    return OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # not argparse: the program's own arguments must pass untouched
+        return _run(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -98,8 +98,12 @@ def _world_size() -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
-def _open_log(log: Any) -> logfile.LogWriter:
-    template = os.fspath(log) if log is not None else (os.environ.get("MODEWATCH_LOG") or DEFAULT_LOG)
+def _header() -> dict:
+    return dict(torch=torch.__version__, python=sys.version.split()[0], pid=os.getpid(), argv=list(sys.argv),
+                rank=_rank(), world_size=_world_size(), time=time.time())
+
+
+def _open_log(template: str) -> logfile.LogWriter:
     path = _substitute(template)
     try:
         folder = os.path.dirname(path)
@@ -353,12 +357,16 @@ class Watcher:
     what is pending and removes every hook; a Watcher is also a context manager.
     """
 
-    def __init__(self, model: nn.Module, log: Any = None, flush_seconds: float = FLUSH_SECONDS):
-        if not isinstance(model, nn.Module):
+    def __init__(self, model: Optional[nn.Module], log: Any = None, flush_seconds: float = FLUSH_SECONDS,
+                 fold: bool = True, discover: bool = False):
+        if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
         self.off = True  # hooks do nothing until the log is open
-        self._writer = _open_log(log)
+        self.template = os.fspath(log) if log is not None else (os.environ.get("MODEWATCH_LOG") or DEFAULT_LOG)
+        self._writer = _open_log(self.template)
         self.path = self._writer.path
+        self.fold = fold  # False: every forward is a run of its own (the unfolded record, for tests)
+        self.discover = discover  # MODEWATCH=1: watch models as they show up (mode calls, optimizers)
         self.flush_seconds = flush_seconds
         self.state = _State()
         self.step = 0
@@ -369,11 +377,14 @@ class Watcher:
         self._copies: dict = {}  # id(copy) -> weakref, to notice a freed copy's id being reused
         self._paths: dict = {}  # id(module) -> (model index, qualified name)
         self._model_level: set = set()  # ids of the watched models and what they wrap
+        self._roots: set = set()  # ids of the modules whose forwards are watched forwards
+        self._models = 0  # models added
         self._param_ids: set = set()
         self._optimizers: dict = {}  # id(optimizer) -> (weakref, holds a watched parameter)
         self._ids: dict = {}  # interned (kind, key) -> id, for sites, modes, contexts
         self._counts: collections.Counter = collections.Counter()  # ids given, per kind
-        self._definitions: list = []  # (writer method, kwargs) not yet written
+        self._definitions: list = []  # (event, fields) not yet written
+        self._defined: list = []  # every (event, fields) written, to start a forked child's log
         self._done: collections.deque = collections.deque()  # forwards whose probes spoke
         self._pending: dict = {}  # seq -> forward whose graph may still be backpropagated
         self._runs: dict = {}  # (kind, site, context) -> the open _Run of identical forwards
@@ -386,37 +397,56 @@ class Watcher:
         self._closed = False
         self._last_flush = time.monotonic()
         self._since_clock = 0  # forwards since the clock was last read
-        self._writer.header(
-            torch=torch.__version__, python=sys.version.split()[0], pid=os.getpid(),
-            argv=list(sys.argv), rank=_rank(), world_size=_world_size(), time=time.time(),
-        )
+        self._writer.header(**_header())
         try:
-            self._watch(model)
-            patches.attach(self)
-        except BaseException:
+            if model is not None:
+                self.add_model(model)
+            self._write()  # the header reaches the disk now: a full disk is found before training
+        except BaseException as exc:
             for handle in self._handles:
                 handle.remove()
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise LogPathError(f"cannot write the modewatch log {self.path!r}: {exc.strerror or exc}") from None
             raise
+        patches.attach(self)
         atexit.register(self.close)
         self.off = False
-        self._write()
 
     # ------------------------------------------------------------------ attaching
 
-    def _watch(self, model: nn.Module) -> None:
-        model_index = len({index for index, _ in self._paths.values()})
-        for name, module in model.named_modules():
-            self._paths[id(module)] = (model_index, name)
-            category = layer_category(module)
-            if category is not None and id(module) not in self._layer_of:
-                self._add_layer(module, name, category, model_index, copy_of=None)
-        self._model_level.update(id(m) for m in _unwrapped_chain(model))
-        self._param_ids.update(id(p) for p in model.parameters())
-        for root in _unwrapped_chain(model):
-            hooks = _RootHooks(self)
-            self._handles.append(root.register_forward_pre_hook(hooks.before))
-            self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
+    def add_model(self, model: nn.Module) -> None:
+        """Watch one more model. A model that holds models already watched adopts them: their
+        layers are renamed as this model's ``named_modules()`` names them."""
+        with self._lock:
+            if id(model) in self._roots or (id(model) in self._paths and id(model) not in self._model_level):
+                return  # watched already, or a part of a watched model
+            index = self._models
+            self._models += 1
+            for name, module in model.named_modules():
+                self._paths[id(module)] = (index, name)
+                self._model_level.discard(id(module))  # a model adopted is a part now
+                category = layer_category(module)
+                if category is None:
+                    continue
+                layer = self._layer_of.get(id(module))
+                if layer is None:
+                    self._add_layer(module, name, category, index, copy_of=None)
+                elif self._layer_names[layer] != name:
+                    self._layer_names[layer] = name
+                    self._define("layer", id=layer, name=name, kind=type(module).__name__,
+                                 category=category, model=index, copy_of=None)
+            self._model_level.update(id(m) for m in _unwrapped_chain(model))
+            self._param_ids.update(id(p) for p in model.parameters())
+            self._optimizers.clear()  # an optimizer's verdict may change with the new parameters
+            for root in _unwrapped_chain(model):
+                self._roots.add(id(root))
+                hooks = _RootHooks(self)
+                self._handles.append(root.register_forward_pre_hook(hooks.before))
+                self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
 
     def _add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
         layer = len(self._layer_names)
@@ -424,7 +454,7 @@ class Watcher:
         self.versions.append(-1 if category == "dropout" else _current_version(module))
         self.layer_modes.append(self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
         self._layer_of[id(module)] = layer
-        self._define(self._writer.layer, id=layer, name=name, kind=type(module).__name__,
+        self._define("layer", id=layer, name=name, kind=type(module).__name__,
                      category=category, model=model, copy_of=copy_of)
         if copy_of is None:
             hooks = (_NormHooks if category == "norm" else _DropoutHooks)(self, layer, module)
@@ -443,7 +473,7 @@ class Watcher:
             return original
         with self._lock:
             layer = self._add_layer(module, self._layer_names[original], layer_category(module) or "norm",
-                                    model=0, copy_of=original)
+                                    model=self._paths.get(id(module), (0, None))[0], copy_of=original)
             self._copies[id(module)] = weakref.ref(module)
             return layer
 
@@ -460,8 +490,8 @@ class Watcher:
 
     # ------------------------------------------------------------------ interning
 
-    def _define(self, method: Any, **fields: Any) -> None:
-        self._definitions.append((method, fields))
+    def _define(self, event: str, **fields: Any) -> None:
+        self._definitions.append((event, fields))
 
     def _intern(self, kind: str, key: Any, make: Any) -> int:
         """The id of ``key`` among the definitions of ``kind``; ``make(id)`` defines a new one."""
@@ -477,14 +507,12 @@ class Watcher:
         if frame is None:
             return None
         code, line = frame.f_code, frame.f_lineno
-        return self._intern("site", (code, line), lambda ident: self._define(
-            self._writer.site, id=ident, file=code.co_filename, line=line, function=code.co_name))
+        return self._intern("site", (code, line), lambda ident: self._define("site", id=ident, file=code.co_filename, line=line, function=code.co_name))
 
     def _context(self, allow: frozenset, recalibration: bool) -> int:
         if not allow and not recalibration:
             return 0
-        return self._intern("context", (allow, recalibration), lambda ident: self._define(
-            self._writer.context, id=ident + 1, allow=sorted(allow), recalibration=recalibration)) + 1
+        return self._intern("context", (allow, recalibration), lambda ident: self._define("context", id=ident + 1, allow=sorted(allow), recalibration=recalibration)) + 1
 
     # ------------------------------------------------------------------ events from the hooks
 
@@ -536,10 +564,40 @@ class Watcher:
         forward.calls.append(call)
         self.end_forward(forward, output)
 
+    def _discover(self, module: nn.Module) -> None:
+        """MODEWATCH=1: a module met for the first time, at a mode call or as the owner of an
+        optimizer's parameters, is watched if it holds a mode-sensitive layer."""
+        if id(module) not in self._paths and any(layer_category(m) for m in module.modules()):
+            self.add_model(module)
+
+    def on_optimizer_created(self, optimizer: Any, frame: Any) -> None:
+        """MODEWATCH=1: watch the model an optimizer is made for, found among the locals (and
+        their attributes, for trainer objects) of the code that made it."""
+        if self.off or not self.discover:
+            return
+        try:
+            first = next((p for group in optimizer.param_groups for p in group["params"]), None)
+            user, _ = sites.user_frame(frame)
+            if first is None or user is None:
+                return
+            candidates = []
+            for value in list(user.f_locals.values()):
+                if isinstance(value, nn.Module):
+                    candidates.append(value)
+                elif isinstance(getattr(value, "__dict__", None), dict):
+                    candidates.extend(v for v in list(vars(value).values()) if isinstance(v, nn.Module))
+            owners = [m for m in candidates if any(p is first for p in m.parameters())]
+            if owners:
+                self._discover(max(owners, key=lambda m: sum(1 for _ in m.modules())))
+        except Exception as exc:
+            self.fail(exc)
+
     def on_mode_call(self, module: nn.Module, call: str, mode: bool, nested: bool) -> None:
         if self.off:
             return
         try:
+            if self.discover and not nested:
+                self._discover(module)
             layers = [layer for m in module.modules() if (layer := self._find_layer(m)) is not None]
             if not layers:
                 return
@@ -556,8 +614,7 @@ class Watcher:
             else:
                 scope = "outside"
             key = (site, call, mode, path, scope)
-            mode_id = self._intern("mode", key, lambda ident: self._define(
-                self._writer.mode, id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
+            mode_id = self._intern("mode", key, lambda ident: self._define("mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
             for layer in layers:
                 self.layer_modes[layer] = (mode_id, mode)
         except Exception as exc:
@@ -613,7 +670,7 @@ class Watcher:
             run = self._runs.get(key)
             if forward.inference:
                 forward.calls = [(layer, flags | logfile.INFERENCE, *rest) for layer, flags, *rest in forward.calls]
-            if run is not None and run.calls == forward.calls:
+            if run is not None and run.calls == forward.calls and self.fold:
                 run.add(forward)
             else:
                 if run is not None:
@@ -627,8 +684,17 @@ class Watcher:
 
     def _write(self, open_runs: bool = False) -> None:
         with self._lock:
-            for method, fields in self._definitions:
-                method(**fields)
+            if self._writer is None:  # a forked child: its own log, opened once there is something
+                if not self._rows and not (open_runs and self._runs):
+                    return
+                self._writer = _open_log(self.template)
+                self.path = self._writer.path
+                self._writer.header(**_header())
+                self._definitions[:0] = self._defined
+                self._defined = []
+            for event, fields in self._definitions:
+                getattr(self._writer, event)(**fields)
+            self._defined.extend(self._definitions)
             self._definitions.clear()
             if open_runs:
                 for key, run in self._runs.items():
@@ -639,6 +705,36 @@ class Watcher:
                 self._rows = []
             self._writer.flush()
             self._last_flush = time.monotonic()
+
+    def before_fork(self) -> None:
+        """Empty the file buffer, so that a forked child inherits nothing it could write twice."""
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+        except Exception:
+            pass
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child (a DataLoader worker, multiprocessing): never the parent's log.
+
+        With ``{pid}`` in the log's path the child gets a log of its own, created only if the
+        child records something; without it, the child is not watched.
+        """
+        self._lock = threading.RLock()  # another thread may have held it at the fork
+        self._pending.clear()
+        self._done.clear()
+        self._runs.clear()
+        self._rows = []
+        if self._writer is not None:
+            self._writer.abandon()
+            self._writer = None
+        if "{pid}" not in self.template:
+            self.off = True
+            self._closed = True
+            for handle in self._handles:
+                handle.remove()
+            patches.detach(self)
+            atexit.unregister(self.close)
 
     def flush(self) -> None:
         """Write everything recorded so far, including runs still open (crash safety)."""
@@ -664,13 +760,15 @@ class Watcher:
                 for forward in list(self._pending.values()):
                     self._resolve(forward)
                 self._write(open_runs=True)
-                self._writer.footer(steps=self.step, forwards=self._seq)
+                if self._writer is not None:
+                    self._writer.footer(steps=self.step, forwards=self._seq)
         except Exception as exc:
             self._warn(exc)
         finally:
             self._closed = True
             try:
-                self._writer.close()
+                if self._writer is not None:
+                    self._writer.close()
             except Exception:
                 pass
             atexit.unregister(self.close)
@@ -686,7 +784,8 @@ class Watcher:
             for handle in self._handles:
                 handle.remove()
             patches.detach(self)
-            self._writer.flush()
+            if self._writer is not None:
+                self._writer.flush()
         except Exception:
             pass
 
@@ -749,9 +848,10 @@ def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
     ``log`` is the log's path (str or PathLike; ``{rank}`` and ``{pid}`` are substituted);
     without it, $MODEWATCH_LOG, else ``modewatch-{pid}.jsonl`` in the working directory. A log
     that cannot be written raises LogPathError here, before training starts. Options:
-    ``flush_seconds`` (default 1.0), the longest time recorded calls wait before being written.
+    ``flush_seconds`` (default 1.0), the longest time recorded calls wait before being written;
+    ``fold`` (default True): False writes one run per forward (a larger log, the same findings).
     """
-    unknown = set(options) - {"flush_seconds"}
+    unknown = set(options) - {"flush_seconds", "fold"}
     if unknown:
         raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")
     return Watcher(model, log, **options)

@@ -112,6 +112,19 @@ class LogWriter:
     def close(self) -> None:
         self._file.close()
 
+    def abandon(self) -> None:
+        """In a forked child: let go of the parent's file without writing to it, ever again.
+
+        The descriptor is pointed at /dev/null, so that whatever the inherited file object still
+        holds, and its eventual close, go nowhere.
+        """
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._file.fileno())
+        finally:
+            os.close(null)
+        self._file.close()
+
 
 # ----------------------------------------------------------------------------- reading
 

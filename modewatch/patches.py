@@ -4,12 +4,15 @@
 - ``torch.autograd.backward``/``grad`` are wrapped to tell a parameter-gradient backward from a
   gradient with respect to inputs only; the collector's probes on a forward's outputs read it.
 - A global optimizer step post-hook counts steps (it fires for every optimizer class).
+- ``Optimizer.__init__`` is wrapped so that MODEWATCH=1 can find the models being trained.
 
 When the last watcher closes everything is restored: off means off.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 from typing import Any, Callable, Optional
@@ -116,6 +119,13 @@ def _eval(wrapped, instance, args, kwargs):
     return _set_mode("eval", False, instance, wrapped, args, kwargs)
 
 
+def _optimizer_init(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    for watcher in tuple(_watchers):
+        watcher.on_optimizer_created(instance, sys._getframe(1))
+    return result
+
+
 def _on_step(optimizer, args, kwargs):
     for watcher in tuple(_watchers):
         watcher.on_optimizer_step(optimizer)
@@ -126,7 +136,49 @@ _PATCHES = (
     (torch.nn.Module, "eval", _eval),
     (torch.autograd, "backward", _backward),
     (torch.autograd, "grad", _grad),
+    (torch.optim.Optimizer, "__init__", _optimizer_init),
 )
+
+
+def _before_fork() -> None:
+    for watcher in tuple(_watchers):
+        watcher.before_fork()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    for watcher in tuple(_watchers):
+        watcher.after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler ending the job): write the logs, then die of SIGTERM as before."""
+    for watcher in tuple(_watchers):
+        watcher.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _catch_sigterm() -> None:
+    # Only where the program left SIGTERM alone (a handler of its own exits through atexit),
+    # and only from the main thread, the one place Python allows it.
+    try:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        pass
+
+
+def _release_sigterm() -> None:
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
 
 
 def attach(watcher: Any) -> None:
@@ -134,6 +186,7 @@ def attach(watcher: Any) -> None:
     global _step_hook
     with _lock:
         if not _watchers:
+            _catch_sigterm()
             for owner, name, wrapper in _PATCHES:
                 original = owner.__dict__[name]
                 _originals[(owner, name)] = original
@@ -157,6 +210,7 @@ def detach(watcher: Any) -> None:
             if isinstance(current, wrapt.FunctionWrapper) and current.__wrapped__ is original:
                 setattr(owner, name, original)
         _originals.clear()
+        _release_sigterm()
         if _step_hook is not None:
             _step_hook.remove()
             _step_hook = None

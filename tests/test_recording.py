@@ -172,6 +172,8 @@ def test_unwritable_log_raises_at_once(tmp_path):
     blocker.write_text("")
     with pytest.raises(modewatch.LogPathError, match="file/sub/log.jsonl"):
         modewatch.watch(Net(), log=blocker / "sub" / "log.jsonl")
+    with pytest.raises(modewatch.LogPathError, match="No space left"):
+        modewatch.watch(Net(), log="/dev/full")  # a full disk, found before training starts
     assert not patches.active_watchers()
 
 
