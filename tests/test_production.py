@@ -149,6 +149,24 @@ def test_unwritable_log_under_the_environment_variable_warns_and_trains(tmp_path
     assert len(warnings_seen) == 1, result.stderr
 
 
+def test_read_only_file_system_warns_and_trains(tmp_path, train_py):
+    """MODEWATCH_LOG on a read-only file system (a tmpfs mounted read-only in a private mount
+    namespace): one warning naming it, and the job finishes."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro none {mount}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a read-only mount here (needs unshare and mount)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
+    env.update(MODEWATCH="1", MODEWATCH_LOG=str(mount / "log.jsonl"))
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro none {mount} && exec "$0" "$1"',
+                             sys.executable, str(train_py)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "evaluated" in result.stdout
+    (warning,) = [line for line in result.stderr.splitlines() if "modewatch" in line]
+    assert "Read-only file system" in warning
+
+
 def test_disk_filling_up_during_training_is_one_warning(tmp_path, monkeypatch):
     """The disk fills up in the middle of training: one warning, and training goes on."""
     model = Net()
