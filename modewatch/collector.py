@@ -333,6 +333,9 @@ def _current_version(module: nn.Module) -> int:
 
 def _output_nodes(output: Any) -> list:
     """The distinct grad_fn nodes of the tensors in a (nested) model output."""
+    if type(output) is torch.Tensor:  # the common case
+        node = output.grad_fn
+        return [] if node is None else [node]
     nodes, seen, todo = [], set(), [output]
     budget = 256  # containers and items looked at
     while todo and budget and len(nodes) < MAX_OUTPUT_TENSORS:
@@ -507,12 +510,17 @@ class Watcher:
         if frame is None:
             return None
         code, line = frame.f_code, frame.f_lineno
-        return self._intern("site", (code, line), lambda ident: self._define("site", id=ident, file=code.co_filename, line=line, function=code.co_name))
+        known = self._ids.get(("site", (code, line)))  # the common case, once per forward
+        if known is not None:
+            return known
+        return self._intern("site", (code, line), lambda ident: self._define(
+            "site", id=ident, file=code.co_filename, line=line, function=code.co_name))
 
     def _context(self, allow: frozenset, recalibration: bool) -> int:
         if not allow and not recalibration:
             return 0
-        return self._intern("context", (allow, recalibration), lambda ident: self._define("context", id=ident + 1, allow=sorted(allow), recalibration=recalibration)) + 1
+        return self._intern("context", (allow, recalibration), lambda ident: self._define(
+            "context", id=ident + 1, allow=sorted(allow), recalibration=recalibration)) + 1
 
     # ------------------------------------------------------------------ events from the hooks
 
@@ -614,7 +622,8 @@ class Watcher:
             else:
                 scope = "outside"
             key = (site, call, mode, path, scope)
-            mode_id = self._intern("mode", key, lambda ident: self._define("mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
+            mode_id = self._intern("mode", key, lambda ident: self._define(
+                "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
             for layer in layers:
                 self.layer_modes[layer] = (mode_id, mode)
         except Exception as exc:
@@ -629,10 +638,11 @@ class Watcher:
             self._called = False
             self.step += 1
             self._drain()
-            with self._lock:
-                stale = [f for f in self._pending.values() if self.step - f.step >= STALE_STEPS]
-                for forward in stale:
-                    self._resolve(forward)
+            if self._pending:
+                with self._lock:
+                    stale = [f for f in self._pending.values() if self.step - f.step >= STALE_STEPS]
+                    for forward in stale:
+                        self._resolve(forward)
             if time.monotonic() - self._last_flush > self.flush_seconds:
                 self.flush()
         except Exception as exc:
