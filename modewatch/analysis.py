@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from . import logfile
+from . import logfile, ranks as distributed
 from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, ModeSet, Site
 from .rules import RULES, check_rules, severity_rank
 
@@ -37,13 +37,14 @@ class Finding:
     batches: int = 0  # forwards (batches) affected: the most any one of its layers saw
     cause: str = ""  # the mode call behind it, in words; reporters group findings by it
     summary: str = ""  # the first sentence of the message: what happened, without the why
+    ranks: Optional[list] = None  # a finding the same on every rank: those ranks (rank is then null)
 
     def as_dict(self) -> dict:
         return {
             "rule": self.rule, "severity": self.severity, "message": self.message,
             "layers": list(self.layers), "count": self.count, "first_step": self.first_step,
             "last_step": self.last_step, "rank": self.rank, "forward_site": self.forward_site,
-            "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches,
+            "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches, "ranks": self.ranks,
         }
 
 
@@ -273,11 +274,15 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
     summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
                "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0}
     files = logfile.expand_paths(list(paths))
+    timelines = distributed.Timelines()
+    ranks: set = set()
     for index, path in enumerate(files):
         reader = logfile.LogReader(path)
         records = iter(reader)
         header = next(records)
         rank = header.rank if header.world_size not in (None, 1) else None
+        if rank is not None:
+            ranks.add(rank)
         last_step = 0
         # The causes a row's state feeds, worked out once per distinct state: rows repeat it.
         fed_by_state: dict = {}
@@ -293,6 +298,8 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
                     fed_by_state[state] = fed
             for cause in fed:
                 cause.add(calls, index)
+            if rank is not None:
+                timelines.add(calls, rank, index)
         summary["logs"] += 1
         summary["steps"] = max(summary["steps"], last_step if reader.steps is None else reader.steps)
         summary["skipped_lines"] += reader.skipped
@@ -304,5 +311,14 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
     ordered = sorted(causes.values(),
                      key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
     findings = [cause.finding(small_batch) for cause in ordered]
+    findings = distributed.merge_across_ranks(findings, ranks)
+    if "rank-mode-mismatch" not in ignored:
+        findings[0:0] = distributed.mismatch_findings(
+            timelines, lambda **fields: Finding(**fields, fix=RULES["rank-mode-mismatch"][1]), _site_dict,
+            _mode_dict, lambda mode: _why(mode, "rank-mode-mismatch"),
+            lambda mode: _headline(mode, "rank-mode-mismatch"))
+    summary["ranks"] = sorted(ranks)
+    if timelines.dropped:
+        summary["ranks_not_compared"] = sorted(timelines.dropped)
     summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
     return Analysis(findings=findings, logs=files, summary=summary)

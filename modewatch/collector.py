@@ -39,6 +39,7 @@ from .allow import allowed_rules
 from .errors import LogPathError
 
 DEFAULT_LOG = "modewatch-{pid}.jsonl"
+DEFAULT_RANK_LOG = "modewatch-rank{rank}-{pid}.jsonl"  # in a distributed job
 FLUSH_SECONDS = 1.0  # a killed job loses at most about this much of its log
 MAX_PENDING = 1024  # forwards whose graph is still alive; past it the oldest are resolved
 STALE_STEPS = 4  # a forward not backpropagated after this many optimizer steps is evaluation
@@ -365,7 +366,8 @@ class Watcher:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
         self.off = True  # hooks do nothing until the log is open
-        self.template = os.fspath(log) if log is not None else (os.environ.get("MODEWATCH_LOG") or DEFAULT_LOG)
+        self.template = os.fspath(log) if log is not None else (
+            os.environ.get("MODEWATCH_LOG") or (DEFAULT_LOG if _rank() is None else DEFAULT_RANK_LOG))
         self._writer = _open_log(self.template)
         self.path = self._writer.path
         self.fold = fold  # False: every forward is a run of its own (the unfolded record, for tests)
@@ -856,7 +858,8 @@ def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
     """Watch ``model``: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
 
     ``log`` is the log's path (str or PathLike; ``{rank}`` and ``{pid}`` are substituted);
-    without it, $MODEWATCH_LOG, else ``modewatch-{pid}.jsonl`` in the working directory. A log
+    without it, $MODEWATCH_LOG, else ``modewatch-{pid}.jsonl`` in the working directory
+    (``modewatch-rank{rank}-{pid}.jsonl`` in a distributed job). A log
     that cannot be written raises LogPathError here, before training starts. Options:
     ``flush_seconds`` (default 1.0), the longest time recorded calls wait before being written;
     ``fold`` (default True): False writes one run per forward (a larger log, the same findings).

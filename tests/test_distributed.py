@@ -1,0 +1,111 @@
+"""Distributed jobs: real torchrun runs on CPU (gloo), per-rank logs, merged analysis."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import modewatch
+from modewatch import ranks
+
+JOB = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    import modewatch
+
+    scenario, folder = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    with modewatch.watch(ddp, log=os.path.join(folder, "rank{rank}-{pid}.jsonl")):
+        ddp.train()
+        for step in range(8):
+            loss = ddp(torch.randn(16, 8)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 3 and (scenario == "all-eval" or rank == 0):
+                ddp.module.eval()  # only rank 0 evaluates, and never switches back
+                with torch.no_grad():
+                    ddp.module(torch.randn(4, 8))
+                if scenario == "clean":
+                    ddp.train()
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Run the job under torchrun with 2 processes for a scenario; return its log folder."""
+    root = tmp_path_factory.mktemp("ddp")
+    script = root / "job.py"
+    script.write_text(JOB)
+
+    def run(scenario):
+        folder = root / scenario
+        folder.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(script), scenario, str(folder)],
+            capture_output=True, text=True, timeout=180, env=env, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return str(folder)
+
+    return run
+
+
+def eval_line():
+    return JOB.splitlines().index("            ddp.module.eval()  # only rank 0 evaluates, and never switches back") + 1
+
+
+@pytest.mark.slow
+def test_rank_zero_left_in_eval_mode_is_a_rank_mode_mismatch(job):
+    """Only rank 0 evaluates and stays in eval mode: per-rank findings for rank 0 and a
+    rank-mode-mismatch naming rank 0, the layers without DDP's prefix, and the eval() line."""
+    folder = job("rank0-eval")
+    assert len(os.listdir(folder)) == 2
+    analysis = modewatch.analyze(folder)
+    assert analysis.summary["ranks"] == [0, 1]
+    by_rule = {}
+    for finding in analysis.findings:
+        by_rule.setdefault(finding.rule, []).append(finding)
+    assert set(by_rule) == {"rank-mode-mismatch", "train-without-dropout", "bn-frozen-in-train"}
+    (mismatch,) = by_rule["rank-mode-mismatch"]
+    assert (mismatch.rank, mismatch.severity, sorted(mismatch.layers)) == (0, "error", ["1", "2"])
+    assert (mismatch.first_step, mismatch.last_step) == (4, 7)
+    assert mismatch.mode_site["line"] == eval_line() and mismatch.mode_site["call"] == "eval"
+    assert [f.rank for f in by_rule["train-without-dropout"]] == [0]
+    assert by_rule["train-without-dropout"][0].layers == ["module.2"]
+
+
+@pytest.mark.slow
+def test_the_same_bug_on_every_rank_is_one_finding(job):
+    """Every rank makes the same mistake: one finding per rule, with the ranks listed, and no
+    rank-mode-mismatch (the ranks agree)."""
+    analysis = modewatch.analyze(job("all-eval"))
+    rules = {f.rule: f for f in analysis.findings}
+    assert set(rules) == {"train-without-dropout", "bn-frozen-in-train"}
+    finding = rules["train-without-dropout"]
+    assert (finding.rank, finding.ranks, finding.layers) == (None, [0, 1], ["2"])
+    assert finding.count == 2 * 4
+    assert "on all 2 ranks" in finding.message
+
+
+@pytest.mark.slow
+def test_a_correct_distributed_job_is_clean(job):
+    """Rank 0 evaluates and switches back to train mode: nothing to report."""
+    assert modewatch.analyze(job("clean")).findings == []
+
+
+def test_wrapper_prefixes_are_ignored_when_comparing_layers():
+    """DDP's module. and torch.compile's _orig_mod. do not make two layers different."""
+    assert ranks.plain_name("module._orig_mod.encoder.drop") == "encoder.drop"
+    assert ranks.plain_name("modules.drop") == "modules.drop"
