@@ -82,7 +82,7 @@ def test_rank_zero_left_in_eval_mode_is_a_rank_mode_mismatch(job):
     assert (mismatch.rank, mismatch.severity, sorted(mismatch.layers)) == (0, "error", ["1", "2"])
     assert (mismatch.first_step, mismatch.last_step) == (4, 7)
     assert mismatch.mode_site["line"] == eval_line() and mismatch.mode_site["call"] == "eval"
-    assert mismatch.forward_site["line"] == JOB.splitlines().index("            loss = ddp(torch.randn(16, 8)).sum()") + 1
+    assert mismatch.forward_site["line"] == JOB.splitlines().index("        loss = ddp(torch.randn(16, 8)).sum()") + 1
     assert [f.rank for f in by_rule["train-without-dropout"]] == [0]
     assert by_rule["train-without-dropout"][0].layers == ["module.2"]
 
