@@ -21,9 +21,7 @@ _allowed: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 def allow(*rules: str) -> Iterator[None]:
     """Record what runs inside as deliberate: the analyzer does not report ``rules`` for it.
 
-    >>> with modewatch.allow("dropout-in-eval"):      # Monte-Carlo dropout
-    ...     samples = [model(x) for _ in range(20)]
-
+    For Monte-Carlo dropout, ``with modewatch.allow("dropout-in-eval"):`` around the sampling.
     With no argument every rule is allowed. An unknown rule id raises UnknownRuleError at once,
     so that a typo does not silently allow nothing. Blocks nest; inner ones add to outer ones.
     """
