@@ -21,7 +21,7 @@ MAX_LAYERS_PER_FINDING = 1_000
 
 @dataclass
 class Finding:
-    """One cause of wrong-mode calls. The fields are those of CONTRACT.md's findings JSON."""
+    """One cause of wrong-mode calls: the fields of a finding in `modewatch analyze --format json`."""
 
     rule: str
     severity: str
