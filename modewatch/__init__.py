@@ -29,9 +29,24 @@ __all__ = [
 
 
 def watch(model: Any, log: Any = None, **options: Any) -> Any:
-    """Watch ``model``: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
+    """Watch `model`: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
 
-    Returns a :class:`Watcher`. See :func:`modewatch.collector.watch` for ``log`` and options.
+    `model` is any `nn.Module`: plain, DDP-wrapped, a Hugging Face or Lightning module, one later
+    passed to `torch.compile`. Returns a `Watcher`: use it as a context manager, or call
+    `close()` (also run at interpreter exit); `Watcher.path` is where the log went.
+
+    Args:
+        model: the model to watch.
+        log: the log's path (str or PathLike); `{rank}` and `{pid}` are substituted. Without it,
+            `$MODEWATCH_LOG`, else `modewatch-{pid}.jsonl` in the working directory
+            (`modewatch-rank{rank}-{pid}.jsonl` in a distributed job).
+        flush_seconds: the longest time recorded calls wait before being written (default 1.0).
+        fold: False writes one run per forward: a larger log, the same findings (default True).
+
+    Raises:
+        LogPathError: the log cannot be written (an unwritable folder, a full disk), before
+            training starts.
+        TypeError: `model` is not an `nn.Module`, or an option is unknown.
     """
     from .collector import watch as _watch
 

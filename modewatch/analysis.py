@@ -38,6 +38,7 @@ class Finding:
     cause: str = ""  # the mode call behind it, in words; reporters group findings by it
     summary: str = ""  # the first sentence of the message: what happened, without the why
     ranks: Optional[list] = None  # a finding the same on every rank: those ranks (rank is then null)
+    log: Optional[str] = None  # the log it was found in (null when merged across ranks)
 
     def as_dict(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class Finding:
             "layers": list(self.layers), "count": self.count, "first_step": self.first_step,
             "last_step": self.last_step, "rank": self.rank, "forward_site": self.forward_site,
             "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches, "ranks": self.ranks,
+            "log": self.log,
         }
 
 
@@ -113,11 +115,11 @@ def rules_for(calls: Calls, small_batch: int = SMALL_BATCH) -> list:
 class _Cause:
     """Accumulates the calls of one finding while the logs stream by."""
 
-    __slots__ = ("rule", "severity", "mode", "rank", "count", "first_step", "last_step",
+    __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
                  "first_forward", "forward_site", "layers", "smallest_batch")
 
-    def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int]):
-        self.rule, self.severity, self.mode, self.rank = rule, severity, mode, rank
+    def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str):
+        self.rule, self.severity, self.mode, self.rank, self.log = rule, severity, mode, rank, log
         self.count = 0
         self.first_step = self.last_step = None
         self.first_forward: Optional[tuple] = None
@@ -150,7 +152,7 @@ class _Cause:
             layers=list(self.layers), count=self.count,
             first_step=self.first_step, last_step=self.last_step, rank=self.rank,
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
-            fix=RULES[self.rule][1], batches=batches, cause=_headline(self.mode, self.rule),
+            fix=RULES[self.rule][1], batches=batches, cause=_headline(self.mode, self.rule), log=self.log,
         )
 
 
@@ -215,48 +217,63 @@ def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 training batch``, ``2 training batches``."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun}es" if noun.endswith(("ch", "s")) else f"{count} {noun}s"
+
+
+def layers_text(names: Any) -> str:
+    """``in layer drop`` / ``in layers bn1, bn2, ...``: names, never mistaken for a count."""
+    names = list(names)
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"in layer {shown}" if len(names) == 1 else f"in layers {shown}"
+
+
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
-    layers = ", ".join(list(cause.layers)[:6]) + (", ..." if len(cause.layers) > 6 else "")
+    layers = layers_text(cause.layers)
     rule = cause.rule
+    training, evaluation = plural(batches, "training batch"), plural(batches, "evaluation forward")
     if rule == "train-without-dropout":
-        text = f"{batches} training batches ran Dropout in eval mode, with dropout off ({layers})."
+        text = f"{training} ran Dropout in eval mode, with dropout off ({layers})."
     elif rule == "bn-frozen-in-train" and cause.severity == "info":
-        text = (f"{batches} training batches ran BatchNorm in eval mode ({layers}); the layers were put in "
-                f"eval mode one by one or a submodule at a time, which looks like deliberate freezing.")
+        text = (f"{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode one "
+                f"by one or a submodule at a time, which looks like deliberate freezing.")
     elif rule == "bn-frozen-in-train":
-        text = (f"{batches} training batches ran BatchNorm in eval mode, with running statistics frozen "
-                f"({layers}).")
+        text = f"{training} ran BatchNorm in eval mode, with running statistics frozen ({layers})."
     elif rule == "stat-update-in-eval":
-        text = (f"{batches} evaluation forwards updated BatchNorm running statistics ({layers}): "
-                f"evaluation data leaked into the statistics used at inference.")
+        text = (f"{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked "
+                f"into the statistics used at inference.")
     elif rule == "dropout-in-eval":
-        text = f"{batches} evaluation forwards ran Dropout in train mode, so predictions were random ({layers})."
+        text = f"{evaluation} ran Dropout in train mode, so predictions were random ({layers})."
     elif rule == "eval-with-grad":
-        text = f"{batches} evaluation forwards in eval mode built an autograd graph that no backward used ({layers})."
+        text = f"{evaluation} in eval mode built an autograd graph that no backward used ({layers})."
     elif rule == "bn-small-batch":
-        text = (f"{batches} training batches computed BatchNorm statistics from fewer than {small_batch} samples "
+        text = (f"{training} computed BatchNorm statistics from fewer than {small_batch} samples "
                 f"(smallest: {cause.smallest_batch}) ({layers}).")
     elif rule == "bn-recalibration":
-        text = f"BatchNorm running statistics were recomputed on purpose over {batches} forwards ({layers})."
+        text = f"BatchNorm running statistics were recomputed on purpose over {plural(batches, 'forward')} ({layers})."
     else:
-        text = f"{cause.count} calls ({layers})."
+        text = f"{plural(cause.count, 'call')} ({layers})."
     return text
 
 
-def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], causes: dict,
-                summary: dict) -> list:
-    """The causes (made as needed) that calls in this state count towards."""
+def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,
+                log_index: int, causes: dict, summary: dict) -> list:
+    """The causes (made as needed) that calls in this state count towards. Logs of one
+    distributed job meet by rank; other logs (separate runs) are kept apart."""
     fed = []
     for rule, severity in rules_for(calls, small_batch):
         if rule in ignored or rule in calls.context.allow:
             continue
-        key = (rule, severity, _cause_key(calls.mode), rank)
+        key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None)
         cause = causes.get(key)
         if cause is None:
             if len(causes) >= MAX_CAUSES:
                 summary["dropped_causes"] += 1
                 continue
-            cause = causes[key] = _Cause(rule, severity, calls.mode, rank)
+            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log)
         fed.append(cause)
     return fed
 
@@ -293,7 +310,7 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
             state = calls[:11]  # the state of the calls, without their counts and steps
             fed = fed_by_state.get(state)
             if fed is None:
-                fed = _causes_for(calls, small_batch, ignored, rank, causes, summary)
+                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, summary)
                 if len(fed_by_state) < MAX_CAUSES:
                     fed_by_state[state] = fed
             for cause in fed:

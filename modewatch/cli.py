@@ -54,6 +54,13 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 RUN_USAGE = "usage: modewatch run [--log PATH] script.py [args...]  |  modewatch run [--log PATH] -m module [args...]"
+RUN_HELP = """Run a Python program with every model watched, exactly as MODEWATCH=1 would: models are found
+at their first .train()/.eval() call or when an optimizer is made for them.
+
+  --log PATH   where the log goes (sets MODEWATCH_LOG; {rank} and {pid} are substituted)
+
+The program gets its arguments untouched; its exit status is this command's.
+Then: modewatch analyze LOG"""
 
 
 def _run(argv: list) -> int:
@@ -70,10 +77,12 @@ def _run(argv: list) -> int:
             log, argv = argv[0][len("--log="):], argv[1:]
         else:
             break
-    if not argv or argv[0] in ("-h", "--help") or argv == ["-m"] or (argv[0].startswith("-") and argv[0] != "-m"):
-        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
-        stream.write(RUN_USAGE + "\n")
-        return OK if stream is sys.stdout else USAGE
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(f"{RUN_USAGE}\n\n{RUN_HELP}\n")
+        return OK
+    if not argv or argv == ["-m"] or (argv[0].startswith("-") and argv[0] != "-m"):
+        sys.stderr.write(RUN_USAGE + "\n")
+        return USAGE
     os.environ["MODEWATCH"] = "1"  # also for the program's own child processes
     if log is not None:
         os.environ["MODEWATCH_LOG"] = log
@@ -83,16 +92,30 @@ def _run(argv: list) -> int:
     if argv[0] == "-m":
         sys.argv = argv[1:]
         sys.path[0] = os.getcwd()  # as `python -m` has it
+        if not _module_exists(argv[1]):
+            sys.stderr.write(f"modewatch: error: no module named {argv[1]!r} (see 'modewatch run --help')\n")
+            return USAGE
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return OK
     script = argv[0]
     if not os.path.isfile(script):
-        sys.stderr.write(f"modewatch: error: {script}: no such file (see 'modewatch run --help')\n")
+        what = "is a directory, not a script" if os.path.isdir(script) else "no such file"
+        sys.stderr.write(f"modewatch: error: {script}: {what} (see 'modewatch run --help')\n")
         return USAGE
     sys.argv = list(argv)
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` has it
-    runpy.run_path(script, run_name="__main__")
+    # An absolute path, as `python script.py` gives __main__: call sites read the same either way.
+    runpy.run_path(os.path.abspath(script), run_name="__main__")
     return OK
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is missing, or a bad name
+        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

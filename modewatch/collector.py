@@ -368,8 +368,10 @@ class Watcher:
         self.off = True  # hooks do nothing until the log is open
         self.template = os.fspath(log) if log is not None else (
             os.environ.get("MODEWATCH_LOG") or (DEFAULT_LOG if _rank() is None else DEFAULT_RANK_LOG))
-        self._writer = _open_log(self.template)
-        self.path = self._writer.path
+        # Under MODEWATCH=1 every process that imports torch gets a watcher: its log is created
+        # only once there is something to write (as in a forked child), not at start-up.
+        self._writer = None if discover else _open_log(self.template)
+        self.path = _substitute(self.template) if discover else self._writer.path
         self.fold = fold  # False: every forward is a run of its own (the unfolded record, for tests)
         self.discover = discover  # MODEWATCH=1: watch models as they show up (mode calls, optimizers)
         self.flush_seconds = flush_seconds
@@ -402,7 +404,8 @@ class Watcher:
         self._closed = False
         self._last_flush = time.monotonic()
         self._since_clock = 0  # forwards since the clock was last read
-        self._writer.header(**_header())
+        if self._writer is not None:
+            self._writer.header(**_header())
         try:
             if model is not None:
                 self.add_model(model)
@@ -411,7 +414,8 @@ class Watcher:
             for handle in self._handles:
                 handle.remove()
             try:
-                self._writer.close()
+                if self._writer is not None:
+                    self._writer.close()
             except OSError:
                 pass
             if isinstance(exc, OSError):
@@ -802,8 +806,11 @@ class Watcher:
             pass
 
     def _warn(self, exc: BaseException) -> None:
-        message = (f"modewatch stopped watching after an internal error ({type(exc).__name__}: {exc}); "
-                   f"training goes on unwatched. Log so far: {self.path}")
+        if isinstance(exc, LogPathError):  # not a bug: the log's place is the problem
+            message = f"modewatch stopped watching: {exc.message}; training goes on unwatched"
+        else:
+            message = (f"modewatch stopped watching after an internal error ({type(exc).__name__}: {exc}); "
+                       f"training goes on unwatched. Log so far: {self.path}")
         try:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         except Exception:  # warnings turned into errors must not reach the user's code
@@ -855,15 +862,7 @@ def _inside_mode_method(frame: Any) -> bool:
 
 
 def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
-    """Watch ``model``: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
-
-    ``log`` is the log's path (str or PathLike; ``{rank}`` and ``{pid}`` are substituted);
-    without it, $MODEWATCH_LOG, else ``modewatch-{pid}.jsonl`` in the working directory
-    (``modewatch-rank{rank}-{pid}.jsonl`` in a distributed job). A log
-    that cannot be written raises LogPathError here, before training starts. Options:
-    ``flush_seconds`` (default 1.0), the longest time recorded calls wait before being written;
-    ``fold`` (default True): False writes one run per forward (a larger log, the same findings).
-    """
+    """The implementation of `modewatch.watch()` (documented there)."""
     unknown = set(options) - {"flush_seconds", "fold"}
     if unknown:
         raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")

@@ -105,6 +105,7 @@ def mismatch_findings(timelines: Timelines, finding: Any, site_dict: Any, mode_d
     findings = []
     for (rank, mode), entry in sorted(grouped.items(), key=lambda item: item[1]["order"]):
         layers = ", ".join(entry["layers"][:6]) + (", ..." if len(entry["layers"]) > 6 else "")
+        layers = f"layer {layers}" if len(entry["layers"]) == 1 else f"layers {layers}"
         summary = (f"Rank {rank} trained {layers} in eval mode at steps {entry['first']}-{entry['last']}, "
                    f"while other ranks trained them in train mode.")
         findings.append(finding(
@@ -137,7 +138,7 @@ def merge_across_ranks(findings: list, ranks: set) -> list:
                 first, rank=None, ranks=sorted(f.rank for f in group), count=sum(f.count for f in group),
                 first_step=min(f.first_step for f in group), last_step=max(f.last_step for f in group),
                 layers=[plain_name(name) for name in first.layers],
-                batches=max(f.batches for f in group),
+                batches=max(f.batches for f in group), log=None,
                 message=first.message.replace(first.summary, first.summary + f" (on all {len(group)} ranks)"),
             ))
         else:

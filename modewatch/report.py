@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ._version import __version__
 from .analysis import Analysis, Finding
@@ -28,9 +29,14 @@ def _steps(finding: Finding) -> str:
     return f"steps {finding.first_step}-{finding.last_step}"
 
 
-def _headline(finding: Finding) -> str:
-    rank = "" if finding.rank is None else f"rank {finding.rank}: "
-    return f"{rank}{finding.cause}"
+def _headline(finding: Finding, logs: int) -> str:
+    if finding.rank is not None:
+        return f"rank {finding.rank}: {finding.cause}"
+    if finding.ranks is not None:
+        return f"ranks {', '.join(map(str, finding.ranks))}: {finding.cause}"
+    if logs > 1 and finding.log:  # separate runs analyzed together: say which
+        return f"{os.path.basename(finding.log)}: {finding.cause}"
+    return finding.cause
 
 
 def text_report(analysis: Analysis) -> str:
@@ -51,12 +57,15 @@ def text_report(analysis: Analysis) -> str:
         if path not in summary.get("truncated_logs", []):
             lines.append(f"note: {path} was not closed (the job was killed or is still running); "
                          f"calls of its last second may be missing")
+    if not summary.get("layer_calls"):
+        lines.append("note: no Dropout/BatchNorm call was recorded: no watched model ran one (under MODEWATCH=1, "
+                     "models are found at their first .train()/.eval() call or when an optimizer is made for them)")
     if not analysis.findings:
         lines.append("No mode problems found.")
         return "\n".join(lines) + "\n"
     groups: dict = {}
     for finding in analysis.findings:
-        groups.setdefault(_headline(finding), []).append(finding)
+        groups.setdefault(_headline(finding, logs), []).append(finding)
     for headline, findings in groups.items():
         lines.append("")
         lines.append(f"{headline}:")

@@ -75,7 +75,7 @@ def test_text_output_groups_by_cause_with_the_fix(buggy_log, capsys):
     out = capsys.readouterr().out
     assert "model.eval() at " in out and "in test_cli.py" not in out
     assert "left the model in eval mode:" in out
-    assert "train-without-dropout" in out and "(drop)" in out and "(bn1)" in out
+    assert "train-without-dropout" in out and "(in layer drop)" in out and "(in layer bn1)" in out
     assert "fix: call model.train()" in out
 
 
@@ -156,3 +156,25 @@ def test_console_script_and_module_agree(buggy_log):
     by_script = subprocess.run([script, "analyze", buggy_log, "--format", "json"], capture_output=True, text=True)
     assert by_module.returncode == by_script.returncode == 1
     assert by_module.stdout == by_script.stdout
+
+
+def test_separate_runs_analyzed_together_stay_apart(tmp_path, capsys):
+    """Two runs (not ranks of one job) in one folder: one finding per run, each naming its log."""
+    for name in ("first.jsonl", "second.jsonl"):
+        record(os.fspath(tmp_path / name), evaluate_at=2)
+    analysis = modewatch.analyze(os.fspath(tmp_path))
+    dropout = [f for f in analysis.findings if f.rule == "train-without-dropout"]
+    assert sorted(os.path.basename(f.log) for f in dropout) == ["first.jsonl", "second.jsonl"]
+    assert [f.count for f in dropout] == [3, 3]
+    main(["analyze", os.fspath(tmp_path)])
+    out = capsys.readouterr().out
+    assert "first.jsonl: model.eval() at" in out and "second.jsonl: model.eval() at" in out
+
+
+def test_a_log_with_no_layer_call_says_why(tmp_path, capsys):
+    """A log in which nothing was recorded says so, with the likely reason, instead of a bare
+    'no problems'."""
+    log = tmp_path / "empty.jsonl"
+    modewatch.watch(torch.nn.Linear(2, 2), log=log).close()
+    assert main(["analyze", os.fspath(log)]) == 0
+    assert "no Dropout/BatchNorm call was recorded" in capsys.readouterr().out

@@ -84,13 +84,20 @@ def test_unset_imports_nothing(tmp_path, value):
     assert result.returncode == 0 and result.stdout.strip() == "[]", result
 
 
-def test_startup_runs_once_however_often_the_pth_line_runs(tmp_path):
+def test_startup_runs_once_however_often_the_pth_line_runs(tmp_path, train_py):
     """In a venv the .pth line may run twice: one watcher, one log."""
-    code = ("import modewatch._startup as s; s.install(); s.install(); import torch\n"
-            "from modewatch import patches; print(len(patches.active_watchers()))")
+    code = ("import modewatch._startup as s, runpy, sys; s.install(); s.install(); import torch\n"
+            "from modewatch import patches; print(len(patches.active_watchers()))\n"
+            f"sys.argv = ['train.py']; runpy.run_path({str(train_py)!r})")
     result = python(["-c", code], tmp_path, {"MODEWATCH": "1", "MODEWATCH_LOG": str(tmp_path / "x-{pid}.jsonl")})
-    assert result.stdout.strip() == "1", result.stderr
+    assert result.stdout.splitlines()[0] == "1", result.stderr
     assert len(glob.glob(str(tmp_path / "*.jsonl"))) == 1
+
+
+def test_a_process_that_watches_nothing_writes_no_log(tmp_path):
+    """Under MODEWATCH=1 a process that imports torch but trains no model leaves no log behind."""
+    result = python(["-c", "import torch; torch.ones(2) * 2"], tmp_path, {"MODEWATCH": "1"})
+    assert result.returncode == 0 and not glob.glob(str(tmp_path / "*.jsonl")), result.stderr
 
 
 def test_the_pth_line_itself_starts_watching(tmp_path):
@@ -295,7 +302,7 @@ def test_folded_and_unfolded_logs_give_the_same_findings(tmp_path):
 
     folded, unfolded = run(True), run(False)
     assert os.path.getsize(folded) < os.path.getsize(unfolded) / 2
-    as_dicts = [[f.as_dict() for f in modewatch.analyze(log).findings] for log in (folded, unfolded)]
+    as_dicts = [[{**f.as_dict(), "log": None} for f in modewatch.analyze(log).findings] for log in (folded, unfolded)]
     assert as_dicts[0] == as_dicts[1]
     assert {f["rule"] for f in as_dicts[0]} == {"train-without-dropout", "bn-frozen-in-train",
                                                 "stat-update-in-eval", "dropout-in-eval"}
