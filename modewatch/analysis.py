@@ -231,32 +231,29 @@ def layers_text(names: Any) -> str:
     return f"in layer {shown}" if len(names) == 1 else f"in layers {shown}"
 
 
+# What happened, per rule ("bn-frozen-in-train/info": the deliberate kind), as format strings.
+SUMMARIES = {
+    "train-without-dropout": "{training} ran Dropout in eval mode, with dropout off ({layers}).",
+    "bn-frozen-in-train/info": "{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode "
+                               "one by one or a submodule at a time, which looks like deliberate freezing.",
+    "bn-frozen-in-train": "{training} ran BatchNorm in eval mode, with running statistics frozen ({layers}).",
+    "stat-update-in-eval": "{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked "
+                           "into the statistics used at inference.",
+    "dropout-in-eval": "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
+    "eval-with-grad": "{evaluation} in eval mode built an autograd graph that no backward used ({layers}).",
+    "bn-small-batch": "{training} computed BatchNorm statistics from fewer than {small_batch} samples "
+                      "(smallest: {smallest}) ({layers}).",
+    "bn-recalibration": "BatchNorm running statistics were recomputed on purpose over {forwards} ({layers}).",
+}
+
+
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
-    layers = layers_text(cause.layers)
-    rule = cause.rule
-    training, evaluation = plural(batches, "training batch"), plural(batches, "evaluation forward")
-    if rule == "train-without-dropout":
-        text = f"{training} ran Dropout in eval mode, with dropout off ({layers})."
-    elif rule == "bn-frozen-in-train" and cause.severity == "info":
-        text = (f"{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode one "
-                f"by one or a submodule at a time, which looks like deliberate freezing.")
-    elif rule == "bn-frozen-in-train":
-        text = f"{training} ran BatchNorm in eval mode, with running statistics frozen ({layers})."
-    elif rule == "stat-update-in-eval":
-        text = (f"{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked "
-                f"into the statistics used at inference.")
-    elif rule == "dropout-in-eval":
-        text = f"{evaluation} ran Dropout in train mode, so predictions were random ({layers})."
-    elif rule == "eval-with-grad":
-        text = f"{evaluation} in eval mode built an autograd graph that no backward used ({layers})."
-    elif rule == "bn-small-batch":
-        text = (f"{training} computed BatchNorm statistics from fewer than {small_batch} samples "
-                f"(smallest: {cause.smallest_batch}) ({layers}).")
-    elif rule == "bn-recalibration":
-        text = f"BatchNorm running statistics were recomputed on purpose over {plural(batches, 'forward')} ({layers})."
-    else:
-        text = f"{plural(cause.count, 'call')} ({layers})."
-    return text
+    template = SUMMARIES.get(f"{cause.rule}/{cause.severity}") or SUMMARIES[cause.rule]
+    return template.format(
+        training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
+        forwards=plural(batches, "forward"), layers=layers_text(cause.layers), small_batch=small_batch,
+        smallest=cause.smallest_batch,
+    )
 
 
 def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,
