@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="report the mode bugs recorded in logs",
                                   description="Report the mode bugs recorded in modewatch logs.")
     analyze.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="a log, or a directory of *.jsonl logs")
-    analyze.add_argument("--format", choices=("text", "json"), default="text")
+    analyze.add_argument("--format", choices=("text", "json", "markdown", "sarif"), default="text",
+                         help="text (for people), json (the findings document), markdown (CI job summaries), "
+                              "sarif (SARIF 2.1.0, for code-scanning annotations)")
     analyze.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
                          help="exit 1 when a finding is at least this severe (default: error)")
     analyze.add_argument("--ignore", action="append", default=[], metavar="RULE", choices=sorted(RULES),
@@ -44,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from . import report as reporters
     from .analysis import analyze
-    from .report import json_report, text_report
 
     result = analyze(*args.paths, ignore=args.ignore, small_batch=args.small_batch)
-    report = json_report(result) if args.format == "json" else text_report(result)
+    report = getattr(reporters, f"{args.format}_report")(result)
     sys.stdout.write(report if report.endswith("\n") else report + "\n")
     return FINDINGS if result.failing(args.fail_on) else OK
 

@@ -77,3 +77,76 @@ def text_report(analysis: Analysis) -> str:
         if actionable:  # deliberate freezing and recalibration need no fix
             lines.append(f"  fix: {actionable[0].fix}")
     return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    """Text from a log, safe inside a Markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace("\n", " ")
+
+
+def markdown_report(analysis: Analysis) -> str:
+    """For CI job summaries (GitHub's $GITHUB_STEP_SUMMARY and the like): a table per cause."""
+    counts = analysis.summary.get("findings", {})
+    lines = [f"## modewatch: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} warning(s), "
+             f"{counts.get('info', 0)} info", ""]
+    if not analysis.findings:
+        return "\n".join(lines + ["No mode problems found.", ""])
+    groups: dict = {}
+    logs = analysis.summary.get("logs", 0)
+    for finding in analysis.findings:
+        groups.setdefault(_headline(finding, logs), []).append(finding)
+    for headline, findings in groups.items():
+        lines += [f"**{_md(headline)}**", "", "| severity | rule | what happened | first forward |", "|---|---|---|---|"]
+        for f in findings:
+            where = _md(_site(f.forward_site)) if f.forward_site else ""
+            lines.append(f"| {f.severity} | `{f.rule}` | {_md(f.summary or f.message)} | {where} |")
+        lines += ["", f"Fix: {_md(findings[0].fix)}", ""]
+    return "\n".join(lines)
+
+
+SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
+
+
+def _sarif_location(site: dict) -> dict:
+    path = site["file"]
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        relative = path
+    inside = not relative.startswith("..") and not os.path.isabs(relative)
+    artifact = {"uri": relative.replace(os.sep, "/"), "uriBaseId": "%SRCROOT%"} if inside else {
+        "uri": "file://" + os.path.abspath(path).replace(os.sep, "/")}
+    return {"physicalLocation": {"artifactLocation": artifact, "region": {"startLine": max(site["line"], 1)}},
+            "message": {"text": f"in {site['function']}()"}}
+
+
+def sarif_report(analysis: Analysis) -> str:
+    """SARIF 2.1.0, for code-scanning annotations: each finding at its mode_site (the line to
+    change), with the forward_site as a related location; paths under the working directory are
+    relative to it (%SRCROOT%)."""
+    from .rules import RULES
+
+    rules = [{"id": rule, "name": rule, "shortDescription": {"text": rule.replace("-", " ")},
+              "help": {"text": f"{fix} (docs/rules/{rule}.md)"},
+              "defaultConfiguration": {"level": SARIF_LEVELS[severity]}}
+             for rule, (severity, fix) in RULES.items()]
+    results = []
+    for finding in analysis.findings:
+        primary = finding.mode_site or finding.forward_site
+        result = {"ruleId": finding.rule, "level": SARIF_LEVELS[finding.severity],
+                  "message": {"text": f"{finding.message} Fix: {finding.fix}"},
+                  "properties": {"count": finding.count, "first_step": finding.first_step,
+                                 "last_step": finding.last_step, "layers": finding.layers,
+                                 "rank": finding.rank}}
+        if primary:
+            result["locations"] = [_sarif_location(primary)]
+        if finding.mode_site and finding.forward_site:
+            result["relatedLocations"] = [{"id": 1, **_sarif_location(finding.forward_site)}]
+        results.append(result)
+    document = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{"tool": {"driver": {"name": "modewatch", "version": __version__, "rules": rules}},
+                  "results": results}],
+    }
+    return json.dumps(document, indent=2)

@@ -178,3 +178,37 @@ def test_a_log_with_no_layer_call_says_why(tmp_path, capsys):
     modewatch.watch(torch.nn.Linear(2, 2), log=log).close()
     assert main(["analyze", os.fspath(log)]) == 0
     assert "no Dropout/BatchNorm call was recorded" in capsys.readouterr().out
+
+
+def test_markdown_is_a_table_per_cause_with_log_text_escaped(tmp_path, capsys):
+    """--format markdown: a heading, one table per cause, and a layer name from the log that
+    holds Markdown or HTML cannot break the table or inject markup."""
+    from test_logfile import DEFINITIONS, HEADER, row, write
+
+    hostile = dict(DEFINITIONS[0], name="x|<script>alert(1)</script>`")
+    log = write(tmp_path / "a.jsonl", [HEADER, hostile, *DEFINITIONS[1:], {"event": "calls", "rows": [row(1, 9, 5)]}])
+    assert main(["analyze", log, "--format", "markdown"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("## modewatch: 1 error(s)")
+    assert "| error | `train-without-dropout` |" in out
+    assert "<script>" not in out and "x\\|&lt;script>" in out
+
+
+def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkeypatch, capsys):
+    """--format sarif: SARIF 2.1.0 with every rule described, each result at its mode_site
+    (relative to the working directory when the file is under it) and the forward_site related."""
+    monkeypatch.chdir(os.path.dirname(__file__))
+    assert main(["analyze", buggy_log, "--format", "sarif"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["version"] == "2.1.0"
+    (run,) = document["runs"]
+    assert {rule["id"] for rule in run["tool"]["driver"]["rules"]} == set(modewatch.rules.RULES)
+    result = next(r for r in run["results"] if r["ruleId"] == "train-without-dropout")
+    assert result["level"] == "error"
+    location = result["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"] == {"uri": "test_cli.py", "uriBaseId": "%SRCROOT%"}
+    mode_line = next(f for f in modewatch.analyze(buggy_log).findings if f.rule == "train-without-dropout").mode_site
+    assert location["region"]["startLine"] == mode_line["line"]
+    assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "conftest.py"
+    info = next(r for r in run["results"] if r["ruleId"] == "eval-with-grad")
+    assert info["level"] == "note"
