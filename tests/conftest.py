@@ -9,6 +9,8 @@ from torch import nn
 
 import modewatch
 
+pytest_plugins = ["pytester"]
+
 
 class Net(nn.Module):
     """The smallest model with both kinds of mode-sensitive layer."""

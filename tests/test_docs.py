@@ -32,9 +32,13 @@ def test_example_runs_and_shows_what_it_says(code, tmp_path):
     """Each example runs on its own; one marked `# buggy: RULE` reports RULE, and one marked
     `# fixed: RULE` does not."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    if re.search(r"^def test_", code, re.M):  # an example of a test: run it as pytest would
+        (tmp_path / "test_example.py").write_text(code)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"]
+    else:
+        command = [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     tag = re.match(r"# (buggy|fixed): ([a-z-]+)\n", code)
     if tag:
         reported = result.stdout.strip().splitlines()[-1]
