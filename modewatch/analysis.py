@@ -275,11 +275,13 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
     return fed
 
 
-def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH) -> Analysis:
-    """Analyze saved logs (files, or directories of ``*.jsonl`` logs) and return the findings.
+def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH,
+            progress: Optional[Any] = None) -> Analysis:
+    """Analyze saved logs (files, or directories of `*.jsonl` logs) and return the findings.
 
-    ``ignore``: rule ids not to report. ``small_batch``: the sample count under which
-    ``bn-small-batch`` fires. Raises LogFormatError for a missing, unreadable or foreign file.
+    `ignore`: rule ids not to report. `small_batch`: the sample count under which
+    `bn-small-batch` fires. `progress(path, bytes_read)`, if given, is called now and then
+    during a long analysis. Raises LogFormatError for a missing, unreadable or foreign file.
     """
     if not paths:
         raise TypeError("modewatch.analyze() needs at least one log path")
@@ -300,7 +302,11 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
         last_step = 0
         # The causes a row's state feeds, worked out once per distinct state: rows repeat it.
         fed_by_state: dict = {}
+        rows = 0
         for calls in records:
+            rows += 1
+            if progress is not None and not rows % 4096:
+                progress(path, reader.bytes_read)
             summary["layer_calls"] += calls.calls
             if calls.last_step > last_step:
                 last_step = calls.last_step

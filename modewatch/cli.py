@@ -10,7 +10,7 @@ import argparse
 import os
 import runpy
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ._version import __version__
 from .errors import ModewatchError
@@ -45,11 +45,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _progress_line(every: float = 0.5) -> Optional[Callable]:
+    """On a terminal, a progress line on stderr at most every `every` seconds; else nothing."""
+    try:
+        if not sys.stderr.isatty():
+            return None
+    except (AttributeError, ValueError):
+        return None
+    import time
+
+    last = [time.monotonic()]
+
+    def show(path: str, done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < every:
+            return
+        last[0] = now
+        try:
+            size = os.path.getsize(path)
+            sys.stderr.write(f"\rmodewatch: analyzing {os.path.basename(path)}: {100 * done // max(size, 1)}% "
+                             f"({done / 1e6:.1f} of {size / 1e6:.1f} MB)\x1b[K")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    return show
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from . import report as reporters
     from .analysis import analyze
 
-    result = analyze(*args.paths, ignore=args.ignore, small_batch=args.small_batch)
+    result = analyze(*args.paths, ignore=args.ignore, small_batch=args.small_batch, progress=_progress_line())
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")  # clear the progress line, if one was shown
     report = getattr(reporters, f"{args.format}_report")(result)
     sys.stdout.write(report if report.endswith("\n") else report + "\n")
     return FINDINGS if result.failing(args.fail_on) else OK

@@ -253,6 +253,7 @@ class LogReader:
         self.truncated = False
         self.ended = False  # the writer closed the log properly
         self.steps: Optional[int] = None  # optimizer steps, from the closing event
+        self.bytes_read = 0  # for progress reports on long analyses
         self.header: Optional[Header] = None
         self._layers: dict = {}
         self._sites: dict = {}
@@ -308,6 +309,7 @@ class LogReader:
                 raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
             if not raw:
                 return
+            self.bytes_read += len(raw)
             if not raw.endswith(b"\n"):
                 if len(raw) >= MAX_LINE:  # an overlong line: drop the rest of it unread
                     while (more := file.readline(MAX_LINE)) and not more.endswith(b"\n"):

@@ -212,3 +212,19 @@ def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkey
     assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "conftest.py"
     info = next(r for r in run["results"] if r["ruleId"] == "eval-with-grad")
     assert info["level"] == "note"
+
+
+def test_progress_on_a_terminal_and_not_in_a_pipe(tmp_path, monkeypatch, capsys):
+    """A long analysis shows a progress line on stderr when it is a terminal, never otherwise."""
+    from test_logfile import DEFINITIONS, HEADER, row, write
+    from modewatch import cli
+
+    log = write(tmp_path / "long.jsonl", [HEADER, *DEFINITIONS] + [
+        {"event": "calls", "rows": [row(s, s) for s in range(i * 1000, (i + 1) * 1000)]} for i in range(10)])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    show = cli._progress_line(every=0)
+    modewatch.analyze(log, progress=show)
+    assert "modewatch: analyzing long.jsonl:" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli._progress_line() is None
+    assert main(["analyze", log]) == 1 and "analyzing" not in capsys.readouterr().err
