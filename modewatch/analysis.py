@@ -8,7 +8,7 @@ Imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from . import logfile, ranks as distributed
 from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, ModeSet, Site
@@ -275,41 +275,40 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
     return fed
 
 
-def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH,
-            progress: Optional[Any] = None) -> Analysis:
-    """Analyze saved logs (files, or directories of `*.jsonl` logs) and return the findings.
+class Job:
+    """The analysis of one or more logs (a job), fed one record at a time.
 
-    `ignore`: rule ids not to report. `small_batch`: the sample count under which
-    `bn-small-batch` fires. `progress(path, bytes_read)`, if given, is called now and then
-    during a long analysis. Raises LogFormatError for a missing, unreadable or foreign file.
+    ``analyze()`` feeds it from files; a live watcher (``watch(on_finding=...)``) feeds it the
+    same records as it makes them, so that both reach the same findings.
     """
-    if not paths:
-        raise TypeError("modewatch.analyze() needs at least one log path")
-    ignored = check_rules(ignore)
-    causes: dict = {}
-    summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
-               "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0}
-    files = logfile.expand_paths(list(paths))
-    timelines = distributed.Timelines()
-    ranks: set = set()
-    for index, path in enumerate(files):
-        reader = logfile.LogReader(path)
-        records = iter(reader)
-        header = next(records)
+
+    def __init__(self, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH):
+        self.ignored = check_rules(ignore)
+        self.small_batch = small_batch
+        self.causes: dict = {}
+        self.summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
+                        "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0}
+        self.timelines = distributed.Timelines()
+        self.ranks: set = set()
+        self.logs: list = []
+
+    def start_log(self, path: str, header: Any) -> Callable[[Calls], None]:
+        """Begin a log; returns the function that takes its records, one at a time."""
+        self.logs.append(path)
         rank = header.rank if header.world_size not in (None, 1) else None
         if rank is not None:
-            ranks.add(rank)
-        last_step = 0
-        # The causes a row's state feeds, worked out once per distinct state: rows repeat it.
-        fed_by_state: dict = {}
-        rows = 0
-        for calls in records:
-            rows += 1
-            if progress is not None and not rows % 4096:
-                progress(path, reader.bytes_read)
+            self.ranks.add(rank)
+        index, small_batch, ignored, causes, summary = len(self.logs) - 1, self.small_batch, self.ignored, \
+            self.causes, self.summary
+        timelines = self.timelines
+        fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
+        self._path = path
+        self._last_step = last_step = [0]  # the latest step of the log, for the summary
+
+        def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
             summary["layer_calls"] += calls.calls
-            if calls.last_step > last_step:
-                last_step = calls.last_step
+            if calls.last_step > last_step[0]:
+                last_step[0] = calls.last_step
             state = calls[:11]  # the state of the calls, without their counts and steps
             fed = fed_by_state.get(state)
             if fed is None:
@@ -320,25 +319,65 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
                 cause.add(calls, index)
             if rank is not None:
                 timelines.add(calls, rank, index)
+
+        return add
+
+    def end_log(self, reader: logfile.LogReader) -> None:
+        summary = self.summary
         summary["logs"] += 1
-        summary["steps"] = max(summary["steps"], last_step if reader.steps is None else reader.steps)
+        summary["steps"] = max(summary["steps"], self._last_step[0] if reader.steps is None else reader.steps)
         summary["skipped_lines"] += reader.skipped
         if reader.truncated:
-            summary["truncated_logs"].append(path)
+            summary["truncated_logs"].append(self._path)
         if not reader.ended:
-            summary["unclosed_logs"].append(path)
-    rule_order = list(RULES)
-    ordered = sorted(causes.values(),
-                     key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
-    findings = [cause.finding(small_batch) for cause in ordered]
-    findings = distributed.merge_across_ranks(findings, ranks)
-    if "rank-mode-mismatch" not in ignored:
-        findings[0:0] = distributed.mismatch_findings(
-            timelines, lambda **fields: Finding(**fields, fix=RULES["rank-mode-mismatch"][1]), _site_dict,
-            _mode_dict, lambda mode: _why(mode, "rank-mode-mismatch"),
-            lambda mode: _headline(mode, "rank-mode-mismatch"))
-    summary["ranks"] = sorted(ranks)
-    if timelines.dropped:
-        summary["ranks_not_compared"] = sorted(timelines.dropped)
-    summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
-    return Analysis(findings=findings, logs=files, summary=summary)
+            summary["unclosed_logs"].append(self._path)
+
+    def findings(self) -> list:
+        """The findings so far, most severe first."""
+        rule_order = list(RULES)
+        ordered = sorted(self.causes.values(),
+                         key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
+        findings = [cause.finding(self.small_batch) for cause in ordered]
+        findings = distributed.merge_across_ranks(findings, self.ranks)
+        if "rank-mode-mismatch" not in self.ignored:
+            findings[0:0] = distributed.mismatch_findings(
+                self.timelines, lambda **fields: Finding(**fields, fix=RULES["rank-mode-mismatch"][1]), _site_dict,
+                _mode_dict, lambda mode: _why(mode, "rank-mode-mismatch"),
+                lambda mode: _headline(mode, "rank-mode-mismatch"))
+        return findings
+
+    def result(self) -> Analysis:
+        findings = self.findings()
+        summary = self.summary
+        summary["ranks"] = sorted(self.ranks)
+        if self.timelines.dropped:
+            summary["ranks_not_compared"] = sorted(self.timelines.dropped)
+        summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+        return Analysis(findings=findings, logs=list(self.logs), summary=summary)
+
+
+def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH,
+            progress: Optional[Any] = None) -> Analysis:
+    """Analyze saved logs (files, or directories of `*.jsonl` logs) and return the findings.
+
+    `ignore`: rule ids not to report. `small_batch`: the sample count under which
+    `bn-small-batch` fires. `progress(path, bytes_read)`, if given, is called now and then
+    during a long analysis. Raises LogFormatError for a missing, unreadable or foreign file.
+    """
+    if not paths:
+        raise TypeError("modewatch.analyze() needs at least one log path")
+    job = Job(ignore, small_batch)
+    for path in logfile.expand_paths(list(paths)):
+        reader = logfile.LogReader(path)
+        records = iter(reader)
+        add = job.start_log(path, next(records))
+        if progress is None:
+            for calls in records:
+                add(calls)
+        else:
+            for rows, calls in enumerate(records, 1):
+                if not rows % 4096:
+                    progress(path, reader.bytes_read)
+                add(calls)
+        job.end_log(reader)
+    return job.result()
