@@ -11,14 +11,17 @@ from typing import Any
 from ._version import __version__
 from .allow import allow
 from .analysis import Analysis, Finding, analyze
-from .errors import LogFormatError, LogPathError, ModewatchError, UnknownRuleError
+from .errors import (LogFormatError, LogPathError, ModeFindingError, ModewatchError, ModewatchWarning,
+                     UnknownRuleError)
 
 __all__ = [
     "Analysis",
     "Finding",
     "LogFormatError",
     "LogPathError",
+    "ModeFindingError",
     "ModewatchError",
+    "ModewatchWarning",
     "UnknownRuleError",
     "Watcher",
     "__version__",
@@ -42,6 +45,9 @@ def watch(model: Any, log: Any = None, **options: Any) -> Any:
             (`modewatch-rank{rank}-{pid}.jsonl` in a distributed job).
         flush_seconds: the longest time recorded calls wait before being written (default 1.0).
         fold: False writes one run per forward: a larger log, the same findings (default True).
+        on_finding: `"warn"` issues a `ModewatchWarning` at the first error finding of each cause,
+            `"raise"` raises `ModeFindingError` there (from the model call or optimizer step
+            that completed it), with the analyzer's message and sites; default: only the log.
 
     Raises:
         LogPathError: the log cannot be written (an unwritable folder, a full disk), before

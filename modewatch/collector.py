@@ -36,7 +36,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import logfile, patches, sites
 from .allow import allowed_rules
-from .errors import LogPathError
+from .errors import LogPathError, ModeFindingError, ModewatchWarning
 
 DEFAULT_LOG = "modewatch-{pid}.jsonl"
 DEFAULT_RANK_LOG = "modewatch-rank{rank}-{pid}.jsonl"  # in a distributed job
@@ -212,9 +212,9 @@ class _RootHooks(_Hooks):
             return
         try:
             state = self.state
-            state.depth += 1
-            if state.depth == 1:
+            if state.depth == 0:
                 state.forward = watcher.begin_forward(sys._getframe(1))
+            state.depth += 1
         except Exception as exc:
             watcher.fail(exc)
 
@@ -362,7 +362,9 @@ class Watcher:
     """
 
     def __init__(self, model: Optional[nn.Module], log: Any = None, flush_seconds: float = FLUSH_SECONDS,
-                 fold: bool = True, discover: bool = False):
+                 fold: bool = True, discover: bool = False, on_finding: Optional[str] = None):
+        if on_finding not in (None, "warn", "raise"):
+            raise ValueError(f"on_finding must be 'warn' or 'raise', not {on_finding!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
         self.off = True  # hooks do nothing until the log is open
@@ -374,6 +376,8 @@ class Watcher:
         self.path = _substitute(self.template) if discover else self._writer.path
         self.fold = fold  # False: every forward is a run of its own (the unfolded record, for tests)
         self.discover = discover  # MODEWATCH=1: watch models as they show up (mode calls, optimizers)
+        self.on_finding = on_finding
+        self._live = _Live(self.path, on_finding) if on_finding else None
         self.flush_seconds = flush_seconds
         self.state = _State()
         self.step = 0
@@ -501,6 +505,8 @@ class Watcher:
 
     def _define(self, event: str, **fields: Any) -> None:
         self._definitions.append((event, fields))
+        if self._live is not None:
+            self._live.feed({"event": event, **fields})
 
     def _intern(self, kind: str, key: Any, make: Any) -> int:
         """The id of ``key`` among the definitions of ``kind``; ``make(id)`` defines a new one."""
@@ -694,6 +700,8 @@ class Watcher:
                     if len(self._rows) >= MAX_ROWS_PER_LINE:  # a mode change every step: keep lines short
                         self._write()
                 self._runs[key] = _Run(forward)
+            if self._live is not None:  # the same rows the log gets, one forward at a time
+                self._live.check(_Run(forward).rows(key))
             forward.calls = []
 
     # ------------------------------------------------------------------ writing
@@ -767,6 +775,7 @@ class Watcher:
         if self._closed:
             return
         self.off = True
+        found = None
         try:
             for handle in self._handles:
                 handle.remove()
@@ -774,7 +783,10 @@ class Watcher:
             if not self._failed:
                 self._drain()
                 for forward in list(self._pending.values()):
-                    self._resolve(forward)
+                    try:
+                        self._resolve(forward)
+                    except ModeFindingError as exc:  # on_finding="raise": after the log is complete
+                        found = found or exc
                 self._write(open_runs=True)
                 if self._writer is not None:
                     self._writer.footer(steps=self.step, forwards=self._seq)
@@ -788,9 +800,13 @@ class Watcher:
             except Exception:
                 pass
             atexit.unregister(self.close)
+        if found is not None:
+            raise found
 
     def fail(self, exc: BaseException) -> None:
         """A failure inside modewatch: one warning, stop watching, never disturb the training."""
+        if isinstance(exc, ModeFindingError):  # not a failure: what on_finding="raise" asked for
+            raise exc
         if self._failed:
             return
         self._failed = True
@@ -856,6 +872,36 @@ class _Run:
                 for (layer, flags, batch, param, mode), times in collections.Counter(self.calls).items()]
 
 
+class _Live:
+    """``on_finding``: the analyzer's own Job, fed the watcher's rows as they are made, so that a
+    finding is told (warned once per cause, or raised) with the same words and sites as
+    ``modewatch analyze`` gives later."""
+
+    def __init__(self, path: str, on_finding: str):
+        from .analysis import Job  # the analysis imports no torch; imported only when live
+
+        self.on_finding = on_finding
+        self.reader = logfile.LogReader(path)
+        self.job = Job()
+        self.add = self.job.start_log(path, logfile.Header(logfile.SCHEMA, "", None, None, None, (), None, None))
+        self.told: set = set()
+
+    def feed(self, event: dict) -> None:
+        for calls in self.reader.feed(event):
+            self.add(calls)
+
+    def check(self, rows: list) -> None:
+        self.feed({"event": "calls", "rows": rows})
+        for finding in self.job.findings():
+            key = (finding.rule, finding.severity, finding.cause)
+            if finding.severity != "error" or key in self.told:
+                continue
+            self.told.add(key)
+            if self.on_finding == "raise":
+                raise ModeFindingError(finding)
+            warnings.warn(f"{finding.rule}: {finding.message}", ModewatchWarning, stacklevel=2)
+
+
 def _inside_mode_method(frame: Any) -> bool:
     """A user-defined train()/eval() override: look past it, to the line that called it."""
     return frame.f_code.co_name in ("train", "eval") and isinstance(frame.f_locals.get("self"), nn.Module)
@@ -863,7 +909,7 @@ def _inside_mode_method(frame: Any) -> bool:
 
 def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
     """The implementation of `modewatch.watch()` (documented there)."""
-    unknown = set(options) - {"flush_seconds", "fold"}
+    unknown = set(options) - {"flush_seconds", "fold", "on_finding"}
     if unknown:
         raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")
     return Watcher(model, log, **options)

@@ -40,3 +40,17 @@ class UnknownRuleError(ModewatchError, ValueError):
     """A rule id that modewatch does not know (in ``allow()`` or ``--ignore``)."""
 
     anchor = "unknown-rule"
+
+
+class ModewatchWarning(UserWarning):
+    """A finding reported while the model runs: ``watch(model, on_finding="warn")``."""
+
+
+class ModeFindingError(ModewatchError):
+    """An error finding, raised where it happened: ``watch(model, on_finding="raise")``."""
+
+    anchor = "mode-finding"
+
+    def __init__(self, finding: object):
+        super().__init__(f"{getattr(finding, 'rule', '')}: {getattr(finding, 'message', '')}")
+        self.finding = finding

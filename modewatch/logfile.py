@@ -300,6 +300,14 @@ class LogReader:
                 except _Bad:
                     self.skipped += 1
 
+    def feed(self, event: dict) -> list:
+        """The records of one event handed over directly, not read from a file: a live analysis
+        inside the watching process reads what the writer writes, with the same checks."""
+        if event.get("event") == "calls":
+            return [self._read_row(row) for row in event["rows"]]
+        self._read_event(event)
+        return []
+
     def _lines(self, file: IO[bytes]) -> Iterator[Optional[dict]]:
         """Yield each non-blank line parsed (None where it is too long or not JSON)."""
         while True:
