@@ -409,18 +409,18 @@ class LogReader:
         # rows, so they are checked and resolved once and cached; the counts are checked inline.
         if type(row) is not list or len(row) != 13:
             raise _Bad
-        first, last, first_fwd, forwards, calls = row[8:]
-        if (type(first) is not int or type(last) is not int or not 0 <= first <= last
-                or type(first_fwd) is not int or first_fwd < 0
-                or type(forwards) is not int or forwards < 1 or type(calls) is not int or calls < 1):
-            raise _Bad
         try:
             state = self._states[tuple(row[:8])]
         except TypeError:  # an unhashable field: not what the format says
             raise _Bad from None
         except KeyError:
             state = self._resolve_state(row)
-        return _new_calls(Calls, (*state, first, last, first_fwd, forwards, calls))
+        counts = tuple(row[8:])  # first_step, last_step, first_forward, forwards, calls
+        first, last, first_fwd, forwards, calls = counts
+        if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
+                and 0 <= first <= last and first_fwd >= 0 and forwards >= 1 and calls >= 1):
+            return _new_calls(Calls, state + counts)
+        raise _Bad
 
     def _resolve_state(self, row: list) -> tuple:
         layer, kind, flags, batch, param, mode, site, context = row[:8]

@@ -1,6 +1,6 @@
 """Analyzer speed and memory against merely parsing the log (issue 3: at most 3x json-parse time).
 
-    python scripts/bench_analyze.py [--steps 20000] [--rounds 7]
+    python scripts/bench_analyze.py [--steps 20000] [--rounds 21]
 
 Records a real run whose model switches mode every 2 steps (so that nothing folds and the log is
 as long as it gets), then times, interleaved, `modewatch.analyze()` and a loop that only
@@ -47,7 +47,7 @@ def parse_only(path: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
     path = os.path.join(tempfile.mkdtemp(prefix="modewatch-analyze-"), "switching.jsonl")
     record(path, args.steps)
