@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-from .logfile import PARAM_GRAD, Calls, ModeSet, Site
+from .logfile import PARAM_GRAD, Calls
 
 MAX_SPANS = 4096  # per rank, layer and mode; past it that layer is no longer compared
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

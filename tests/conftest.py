@@ -7,8 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import modewatch
-
 pytest_plugins = ["pytester"]
 
 
