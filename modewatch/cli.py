@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="do not report this rule (repeatable)")
     analyze.add_argument("--small-batch", type=int, default=8, metavar="N",
                          help="bn-small-batch fires under N samples (default: 8)")
+    report = commands.add_parser("report", help="write a self-contained HTML report with a timeline",
+                                 description="Write one self-contained HTML file: findings with their source "
+                                             "lines, and a timeline per watched layer.")
+    report.add_argument("paths", nargs="+", metavar="LOG_OR_DIR")
+    report.add_argument("-o", "--output", default="modewatch-report.html", metavar="FILE",
+                        help="where to write it (default: modewatch-report.html)")
     commands.add_parser("run", help="run a program instrumented, as MODEWATCH=1 would", usage=RUN_USAGE[7:],
                         description="Run a Python program with every model watched, as MODEWATCH=1 would.")
     return parser
@@ -70,6 +76,22 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
             pass
 
     return show
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .report import html_report
+    from .timeline import collect
+
+    document = html_report(analyze(*args.paths), collect(args.paths))
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(document)
+    except OSError as exc:
+        sys.stderr.write(f"modewatch: error: cannot write {args.output}: {exc.strerror or exc}\n")
+        return USAGE
+    sys.stdout.write(f"modewatch: report written to {args.output} ({len(document.encode()) / 1024:.0f} KiB)\n")
+    return OK
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -159,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE
     try:
+        if args.command == "report":
+            return _report(args)
         return _analyze(args)
     except ModewatchError as exc:
         sys.stderr.write(f"modewatch: error: {exc}\n")

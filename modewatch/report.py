@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from ._version import __version__
 from .analysis import Analysis, Finding
@@ -150,3 +151,100 @@ def sarif_report(analysis: Analysis) -> str:
                   "results": results}],
     }
     return json.dumps(document, indent=2)
+
+
+BUCKETS = 300  # columns of the timeline, however many steps the run had
+COLORS = {"train": "#43a047", "eval": "#1e88e5", "info": "#fbc02d", "bad": "#e53935"}
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+.finding{border-left:4px solid #999;padding:6px 12px;margin:10px 0;background:#fafafa}
+.error{border-color:#e53935}.warning{border-color:#fbc02d}.info{border-color:#1e88e5}
+.rule{font-weight:600}.site{color:#555;font-size:13px}
+pre{background:#f3f3f3;padding:6px 8px;margin:4px 0;font-size:12px;overflow-x:auto}
+pre .here{background:#ffe0e0;display:inline-block;width:100%}
+table.timeline{border-collapse:collapse}table.timeline td{padding:1px 6px;font-size:12px;white-space:nowrap}
+.legend span{display:inline-block;margin-right:14px}.legend i{display:inline-block;width:12px;height:12px;margin-right:4px}
+"""
+
+
+def _source(site: dict) -> str:
+    """The lines around a call site, when the source is at hand (escaped; nothing otherwise)."""
+    import html
+    import linecache
+
+    path, line = site["file"], site["line"]
+    if not os.path.isfile(path):
+        return ""
+    lines = []
+    for number in range(max(1, line - 2), line + 3):
+        text = linecache.getline(path, number).rstrip("\n")
+        if not text and number > line:
+            break
+        mark = ' class="here"' if number == line else ""
+        lines.append(f"<span{mark}>{number:5d}  {html.escape(text)}</span>")
+    return "<pre>" + "\n".join(lines) + "</pre>" if lines else ""
+
+
+def _bar(spans: list, last_step: int) -> str:
+    """One layer's row: an SVG of at most BUCKETS columns over the steps, a rectangle per stretch
+    of one state (a column shows the state that must show most)."""
+    from .timeline import RANK
+
+    count = min(BUCKETS, last_step + 1)
+    width = -(-(last_step + 1) // count)  # steps per column
+    pixels = BUCKETS * 3 / count
+    columns = [None] * count
+    for first, last, state in spans:
+        for column in range(min(first // width, count - 1), min(last // width, count - 1) + 1):
+            if columns[column] is None or RANK[state] > RANK[columns[column]]:
+                columns[column] = state
+    rects, start = [], 0
+    for column in range(1, count + 1):
+        if column == count or columns[column] != columns[start]:
+            if columns[start] is not None:
+                rects.append(f'<rect x="{start * pixels:.1f}" width="{(column - start) * pixels:.1f}" height="12" '
+                             f'fill="{COLORS[columns[start]]}"><title>steps {start * width}-'
+                             f'{min(column * width, last_step + 1) - 1}: {columns[start]}</title></rect>')
+            start = column
+    return f'<svg width="{BUCKETS * 3}" height="12" role="img">{"".join(rects)}</svg>'
+
+
+def html_report(analysis: Analysis, timeline: Any) -> str:
+    """One self-contained HTML file (no script, no network): the findings with their call sites
+    and source lines, and a timeline per watched layer over the optimizer steps. Everything that
+    comes from a log is escaped."""
+    import html
+
+    from .timeline import STATE_NAMES
+
+    e = html.escape
+    counts = analysis.summary.get("findings", {})
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>modewatch report</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>modewatch {e(__version__)}: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} "
+             f"warning(s), {counts.get('info', 0)} info</h1>",
+             f"<p>{analysis.summary.get('logs', 0)} log(s), {analysis.summary.get('steps', 0):,} optimizer steps, "
+             f"{analysis.summary.get('layer_calls', 0):,} layer calls.</p>", "<h2>Findings</h2>"]
+    if not analysis.findings:
+        parts.append("<p>No mode problems found.</p>")
+    logs = analysis.summary.get("logs", 0)
+    for f in analysis.findings:
+        parts.append(f'<div class="finding {e(f.severity)}"><div><span class="rule">{e(f.severity)} '
+                     f'{e(f.rule)}</span> — {e(_headline(f, logs))}</div><div>{e(f.message)}</div>'
+                     f'<div class="site">{f.count:,} layer calls, {e(_steps(f))}. Fix: {e(f.fix)}</div>')
+        for title, site in (("mode set at", f.mode_site), ("model called at", f.forward_site)):
+            if site:
+                parts.append(f'<div class="site">{title} {e(_site(site))}</div>{_source(site)}')
+        parts.append("</div>")
+    parts.append("<h2>Timeline</h2><p class=legend>" + "".join(
+        f'<span><i style="background:{COLORS[state]}"></i>{e(name)}</span>' for state, name in STATE_NAMES.items())
+        + f"</p><p class=site>Optimizer steps 0-{timeline.last_step:,}, left to right.</p><table class=timeline>")
+    for (label, name), spans in timeline.layers.items():
+        row_label = f"{label}: {name}" if label else name
+        parts.append(f"<tr><td>{e(row_label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
+    parts.append("</table>")
+    if timeline.dropped_layers:
+        parts.append(f"<p class=site>{timeline.dropped_layers} more layer(s) not drawn.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
