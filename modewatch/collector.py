@@ -253,15 +253,12 @@ class _DropoutHooks(_Hooks):
             forward = self.state.forward
             if forward is None or id(module) != self.module_id:
                 return self.watcher.unusual_call(self, module, args, output)
-            training = module.training
-            mode_id, mode = self.modes[self.layer]
-            forward.calls.append((self.layer, training | (_is_grad_enabled() << 1), None, module.p,
-                                  mode_id if mode == training else None))
+            forward.calls.append(self.call(self.layer, module, args))
         except Exception as exc:
             self.watcher.fail(exc)
 
     def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
-        """The recorded tuple of one call of ``module`` (as layer ``layer``), the slow way."""
+        """The recorded tuple of one call of ``module`` (as layer ``layer``)."""
         training = module.training
         mode_id, mode = self.modes[layer]
         return (layer, training | (_is_grad_enabled() << 1), None, module.p, mode_id if mode == training else None)
@@ -283,15 +280,6 @@ class _NormHooks(_DropoutHooks):
         self.counter = "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked"
         self.exact = not type(module).__module__.startswith("torch.")
         self.versions = watcher.versions  # the watcher's list, updated in place
-
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        try:
-            forward = self.state.forward
-            if forward is None or id(module) != self.module_id:
-                return self.watcher.unusual_call(self, module, args, output)
-            forward.calls.append(self.call(self.layer, module, args))
-        except Exception as exc:
-            self.watcher.fail(exc)
 
     def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
         training = module.training
@@ -730,6 +718,12 @@ class Watcher:
             self._writer.flush()
             self._last_flush = time.monotonic()
 
+    def _detach(self) -> None:
+        """Remove every hook of this watcher and, with the last watcher, every patch."""
+        for handle in self._handles:
+            handle.remove()
+        patches.detach(self)
+
     def before_fork(self) -> None:
         """Empty the file buffer, so that a forked child inherits nothing it could write twice."""
         try:
@@ -755,9 +749,7 @@ class Watcher:
         if "{pid}" not in self.template:
             self.off = True
             self._closed = True
-            for handle in self._handles:
-                handle.remove()
-            patches.detach(self)
+            self._detach()
             atexit.unregister(self.close)
 
     def flush(self) -> None:
@@ -777,9 +769,7 @@ class Watcher:
         self.off = True
         found = None
         try:
-            for handle in self._handles:
-                handle.remove()
-            patches.detach(self)
+            self._detach()
             if not self._failed:
                 self._drain()
                 for forward in list(self._pending.values()):
@@ -813,9 +803,7 @@ class Watcher:
         self.off = True
         self._warn(exc)
         try:
-            for handle in self._handles:
-                handle.remove()
-            patches.detach(self)
+            self._detach()
             if self._writer is not None:
                 self._writer.flush()
         except Exception:
