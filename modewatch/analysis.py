@@ -295,7 +295,7 @@ class Job:
     def start_log(self, path: str, header: Any) -> Callable[[Calls], None]:
         """Begin a log; returns the function that takes its records, one at a time."""
         self.logs.append(path)
-        rank = header.rank if header.world_size not in (None, 1) else None
+        rank = logfile.job_rank(header)
         if rank is not None:
             self.ranks.add(rank)
         index, small_batch, ignored, causes, summary = len(self.logs) - 1, self.small_batch, self.ignored, \

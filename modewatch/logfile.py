@@ -48,6 +48,7 @@ ROW_FIELDS = (
     "layer", "forward_kind", "flags", "batch", "param", "mode", "site", "context",
     "first_step", "last_step", "first_forward", "forwards", "calls",
 )
+ROW_LENGTH = len(ROW_FIELDS)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -195,6 +196,11 @@ class Calls(NamedTuple):
     first_forward: int
     forwards: int
     calls: int
+
+
+def job_rank(header: Header) -> Optional[int]:
+    """The rank a log speaks for in a distributed job; None for a log of a single process."""
+    return header.rank if header.world_size not in (None, 1) else None
 
 
 _new_calls = tuple.__new__  # NamedTuple's own __new__ is a Python function: too slow for rows
@@ -407,7 +413,7 @@ class LogReader:
     def _read_row(self, row: Any) -> Calls:
         # The hot loop of every analysis. A row's first eight fields (its state) repeat across
         # rows, so they are checked and resolved once and cached; the counts are checked inline.
-        if type(row) is not list or len(row) != 13:
+        if type(row) is not list or len(row) != ROW_LENGTH:
             raise _Bad
         try:
             state = self._states[tuple(row[:8])]

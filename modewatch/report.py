@@ -40,6 +40,15 @@ def _headline(finding: Finding, logs: int) -> str:
     return finding.cause
 
 
+def _by_cause(analysis: Analysis) -> dict:
+    """The findings grouped under the headline of their cause, in order."""
+    logs = analysis.summary.get("logs", 0)
+    groups: dict = {}
+    for finding in analysis.findings:
+        groups.setdefault(_headline(finding, logs), []).append(finding)
+    return groups
+
+
 def text_report(analysis: Analysis) -> str:
     """For people: findings grouped by the mode call that caused them, each with its fix."""
     summary = analysis.summary
@@ -64,10 +73,7 @@ def text_report(analysis: Analysis) -> str:
     if not analysis.findings:
         lines.append("No mode problems found.")
         return "\n".join(lines) + "\n"
-    groups: dict = {}
-    for finding in analysis.findings:
-        groups.setdefault(_headline(finding, logs), []).append(finding)
-    for headline, findings in groups.items():
+    for headline, findings in _by_cause(analysis).items():
         lines.append("")
         lines.append(f"{headline}:")
         for finding in findings:
@@ -92,11 +98,7 @@ def markdown_report(analysis: Analysis) -> str:
              f"{counts.get('info', 0)} info", ""]
     if not analysis.findings:
         return "\n".join(lines + ["No mode problems found.", ""])
-    groups: dict = {}
-    logs = analysis.summary.get("logs", 0)
-    for finding in analysis.findings:
-        groups.setdefault(_headline(finding, logs), []).append(finding)
-    for headline, findings in groups.items():
+    for headline, findings in _by_cause(analysis).items():
         lines += [f"**{_md(headline)}**", "", "| severity | rule | what happened | first forward |", "|---|---|---|---|"]
         for f in findings:
             where = _md(_site(f.forward_site)) if f.forward_site else ""

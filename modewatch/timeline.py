@@ -7,6 +7,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import logfile
@@ -81,8 +82,8 @@ def collect(paths: Any) -> Timeline:
         reader = logfile.LogReader(path)
         records = iter(reader)
         header = next(records)
-        label = f"rank {header.rank}" if header.world_size not in (None, 1) and header.rank is not None else (
-            path.rsplit("/", 1)[-1] if len(files) > 1 else "")
+        rank = logfile.job_rank(header)
+        label = f"rank {rank}" if rank is not None else (os.path.basename(path) if len(files) > 1 else "")
         for calls in records:
             timeline.add(label, calls)
     return timeline
