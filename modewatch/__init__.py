@@ -34,6 +34,10 @@ __all__ = [
 def watch(model: Any, log: Any = None, **options: Any) -> Any:
     """Watch `model`: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
 
+    Also watched: `nn.MultiheadAttention`, functional dropout (`F.dropout` and variants,
+    `scaled_dot_product_attention`'s `dropout_p`) called in the model's forward, and custom
+    leaf layers whose forward reads `self.training` (stochastic depth, custom norms).
+
     `model` is any `nn.Module`: plain, DDP-wrapped, a Hugging Face or Lightning module, one later
     passed to `torch.compile`. Returns a `Watcher`: use it as a context manager, or call
     `close()` (also run at interpreter exit); `Watcher.path` is where the log went.
@@ -48,11 +52,15 @@ def watch(model: Any, log: Any = None, **options: Any) -> Any:
         on_finding: `"warn"` issues a `ModewatchWarning` at the first error finding of each cause,
             `"raise"` raises `ModeFindingError` there (from the model call or optimizer step
             that completed it), with the analyzer's message and sites; default: only the log.
+        layers: custom mode-sensitive layers that automatic detection misses, as a dict from
+            module class to `"dropout"` or `"norm"`: `{DropPath: "dropout"}`.
 
     Raises:
         LogPathError: the log cannot be written (an unwritable folder, a full disk), before
             training starts.
-        TypeError: `model` is not an `nn.Module`, or an option is unknown.
+        TypeError: `model` is not an `nn.Module`, an option is unknown, or `layers` is not a
+            dict of module classes.
+        ValueError: a category in `layers` is not "dropout" or "norm".
     """
     from .collector import watch as _watch
 

@@ -152,7 +152,8 @@ class _Cause:
             layers=list(self.layers), count=self.count,
             first_step=self.first_step, last_step=self.last_step, rank=self.rank,
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
-            fix=RULES[self.rule][1], batches=batches, cause=_headline(self.mode, self.rule), log=self.log,
+            fix=IGNORES_MODE_FIX if _ignores_mode(self) else RULES[self.rule][1], batches=batches,
+            cause=_headline(self.mode, self.rule), log=self.log,
         )
 
 
@@ -178,9 +179,10 @@ def _target_text(mode: ModeSet, layer: str) -> str:
 def mode_call_text(mode: ModeSet) -> str:
     """How the user wrote the call: ``model.eval()``, ``model.encoder.train(False)``."""
     call = "eval()" if mode.call == "eval" else "train()" if mode.mode else "train(False)"
+    inside = f" inside {mode.via}()" if mode.via else ""
     if mode.scope == "layer":  # called on each layer, under whatever name the loop gave it
-        return f".{call} on each layer"
-    return f"{_target_text(mode, 'layer')}.{call}"
+        return f".{call} on each layer{inside}"
+    return f"{_target_text(mode, 'layer')}.{call}{inside}"
 
 
 TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration")
@@ -193,11 +195,19 @@ def _cause_text(mode: Optional[ModeSet], rule: str) -> str:
             return "no .train()/.eval() call (modules start in train mode)"
         return ".training assigned directly (no .train()/.eval() call)"
     where = "" if mode.site is None else f" at {mode.site.file}:{mode.site.line} in {mode.site.function}()"
+    if mode.initial:
+        return f"the model already in eval mode when modewatch began watching it{where}"
     return f"{mode_call_text(mode)}{where}"
+
+
+LOADED_IN_EVAL = ("from_pretrained() and many checkpoint loaders return a model in eval mode; "
+                  "nothing called model.train() after")
 
 
 def _headline(mode: Optional[ModeSet], rule: str) -> str:
     if mode is None:
+        return _cause_text(mode, rule)
+    if mode.initial:
         return _cause_text(mode, rule)
     what = _target_text(mode, "the layers")
     what = "the model" if what == "model" else what
@@ -209,11 +219,26 @@ def _why(mode: Optional[ModeSet], rule: str) -> str:
         if rule in TRAIN_MODE_RULES:
             return "Nothing ever called model.eval() on these layers: modules start in train mode"
         return "No .train()/.eval() call set this mode: .training was assigned directly"
+    if mode.initial:
+        return f"The mode was that of {_cause_text(mode, rule)}: {LOADED_IN_EVAL}"
     return f"The mode was last set by {_cause_text(mode, rule)}"
+
+
+def _ignores_mode(cause: "_Cause") -> bool:
+    """Dropout that ran in an evaluation forward although a .eval() call had reached its module:
+    only a functional dropout can (F.dropout without training=self.training)."""
+    return cause.rule == "dropout-in-eval" and cause.mode is not None and not cause.mode.mode
+
+
+IGNORES_MODE_FIX = ("pass the module's mode to the call: F.dropout(x, p, training=self.training), "
+                    "or dropout_p=p if self.training else 0.0 for scaled_dot_product_attention")
 
 
 def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     text = _summary(cause, batches, small_batch)
+    if _ignores_mode(cause):
+        return (f"{text} The module was in eval mode, set by {_cause_text(cause.mode, cause.rule)}, "
+                f"but the call does not follow the module's mode.")
     return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
 
 
@@ -240,6 +265,7 @@ SUMMARIES = {
     "stat-update-in-eval": "{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked "
                            "into the statistics used at inference.",
     "dropout-in-eval": "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
+    "dropout-in-eval/ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers}).",
     "eval-with-grad": "{evaluation} in eval mode built an autograd graph that no backward used ({layers}).",
     "bn-small-batch": "{training} computed BatchNorm statistics from fewer than {small_batch} samples "
                       "(smallest: {smallest}) ({layers}).",
@@ -248,7 +274,8 @@ SUMMARIES = {
 
 
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
-    template = SUMMARIES.get(f"{cause.rule}/{cause.severity}") or SUMMARIES[cause.rule]
+    flavour = "ignores-mode" if _ignores_mode(cause) else cause.severity
+    template = SUMMARIES.get(f"{cause.rule}/{flavour}") or SUMMARIES[cause.rule]
     return template.format(
         training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
         forwards=plural(batches, "forward"), layers=layers_text(cause.layers), small_batch=small_batch,

@@ -34,7 +34,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import logfile, patches, sites
+from . import functional, logfile, patches, sites
+from .layers import category as category_of, check_named, is_torch_layer, probability_attribute
 from .allow import allowed_rules
 from .errors import LogPathError, ModeFindingError, ModewatchWarning
 
@@ -51,12 +52,8 @@ _is_inference = torch.is_inference_mode_enabled
 
 
 def layer_category(module: nn.Module) -> Optional[str]:
-    """"dropout" or "norm" for a mode-sensitive layer, else None."""
-    if isinstance(module, _DropoutNd):
-        return "dropout"
-    if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
-        return "norm"
-    return None
+    """"dropout" or "norm" for a mode-sensitive layer (of torch, or found automatically), else None."""
+    return category_of(module)
 
 
 def _unwrapped_chain(root: nn.Module) -> list:
@@ -264,6 +261,30 @@ class _DropoutHooks(_Hooks):
         return (layer, training | (_is_grad_enabled() << 1), None, module.p, mode_id if mode == training else None)
 
 
+class _AttentionHooks(_DropoutHooks):
+    """nn.MultiheadAttention: a dropout layer whose probability is its ``dropout`` attribute."""
+
+    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
+        training = module.training
+        mode_id, mode = self.modes[layer]
+        return (layer, training | (_is_grad_enabled() << 1), None, module.dropout,
+                mode_id if mode == training else None)
+
+
+class _CustomDropoutHooks(_DropoutHooks):
+    """A custom dropout-like layer (DropPath): its probability, where it keeps one, is recorded."""
+
+    def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
+        super().__init__(watcher, layer, module)
+        self.attribute = probability_attribute(module)
+
+    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
+        training = module.training
+        mode_id, mode = self.modes[layer]
+        p = functional.number(getattr(module, self.attribute, None)) if self.attribute else None
+        return (layer, training | (_is_grad_enabled() << 1), None, p, mode_id if mode == training else None)
+
+
 class _NormHooks(_DropoutHooks):
     """Forward hook of one BatchNorm (or tracking InstanceNorm) layer.
 
@@ -273,26 +294,32 @@ class _NormHooks(_DropoutHooks):
     For torch's own classes the version is compared with the one seen after the previous call,
     in train mode only (so that a reset or load_state_dict in between is not taken for an update);
     a subclass of unknown behaviour also gets ``before`` as a pre-hook, for an exact comparison.
+    A custom norm layer (see modewatch.layers) is measured by the versions of all its buffers.
     """
 
     def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
         super().__init__(watcher, layer, module)
-        self.counter = "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked"
-        self.exact = not type(module).__module__.startswith("torch.")
+        self.counter = _counter(module)
+        self.exact = not is_torch_layer(module)
         self.versions = watcher.versions  # the watcher's list, updated in place
 
     def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
         training = module.training
         flags = training | (_is_grad_enabled() << 1)
-        tracked = module._buffers.get(self.counter)  # not getattr: Module.__getattr__ is slow
-        if tracked is not None:
-            version = _version(tracked)
+        if self.counter is None:
+            version = _buffers_version(module)
+        else:
+            tracked = module._buffers.get(self.counter)  # not getattr: Module.__getattr__ is slow
+            version = None if tracked is None else _version(tracked)
+        if version is not None:
             if version != self.versions[layer] and (training or self.exact):
                 flags |= logfile.STATS_CHANGED
             self.versions[layer] = version
         shape = args[0].shape if args and isinstance(args[0], torch.Tensor) else ()
         mode_id, mode = self.modes[layer]
-        return (layer, flags, shape[0] if len(shape) > 1 else None, module.momentum,
+        momentum = module.momentum if self.counter is not None else functional.number(
+            getattr(module, "momentum", 0.0))
+        return (layer, flags, shape[0] if len(shape) > 1 else None, momentum,
                 mode_id if mode == training else None)
 
     def before(self, module: nn.Module, args: tuple) -> None:
@@ -301,11 +328,19 @@ class _NormHooks(_DropoutHooks):
             return
         try:
             layer = self.layer if id(module) == self.module_id else watcher.copy_layer(module, self.layer)
-            tracked = module._buffers.get(self.counter)
-            if tracked is not None:
-                self.versions[layer] = _version(tracked)
+            self.versions[layer] = _current_version(module)
         except Exception as exc:
             watcher.fail(exc)
+
+
+def _hooks_class(module: nn.Module, category: str) -> type:
+    if category == "norm":
+        return _NormHooks
+    if isinstance(module, _DropoutNd):
+        return _DropoutHooks
+    if isinstance(module, nn.MultiheadAttention):
+        return _AttentionHooks
+    return _CustomDropoutHooks
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -315,8 +350,25 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
+def _counter(module: nn.Module) -> Optional[str]:
+    """The buffer whose version tells that a norm layer's statistics changed (None: all of them)."""
+    if isinstance(module, _InstanceNorm):
+        return "running_mean"  # InstanceNorm copies its statistics back into it
+    if isinstance(module, _BatchNorm):
+        return "num_batches_tracked"
+    return None
+
+
+def _buffers_version(module: nn.Module) -> int:
+    """A number that changes when any buffer of ``module`` is changed in place or replaced."""
+    return hash(tuple((id(b), _version(b)) for b in module._buffers.values() if b is not None))
+
+
 def _current_version(module: nn.Module) -> int:
-    tracked = getattr(module, "running_mean" if isinstance(module, _InstanceNorm) else "num_batches_tracked", None)
+    counter = _counter(module)
+    if counter is None:
+        return _buffers_version(module)
+    tracked = module._buffers.get(counter)
     return -1 if tracked is None else _version(tracked)
 
 
@@ -350,11 +402,13 @@ class Watcher:
     """
 
     def __init__(self, model: Optional[nn.Module], log: Any = None, flush_seconds: float = FLUSH_SECONDS,
-                 fold: bool = True, discover: bool = False, on_finding: Optional[str] = None):
+                 fold: bool = True, discover: bool = False, on_finding: Optional[str] = None,
+                 layers: Any = None):
         if on_finding not in (None, "warn", "raise"):
             raise ValueError(f"on_finding must be 'warn' or 'raise', not {on_finding!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
+        self.named = check_named(layers)  # custom layers named by the user
         self.off = True  # hooks do nothing until the log is open
         self.template = os.fspath(log) if log is not None else (
             os.environ.get("MODEWATCH_LOG") or (DEFAULT_LOG if _rank() is None else DEFAULT_RANK_LOG))
@@ -371,6 +425,8 @@ class Watcher:
         self.step = 0
         self.versions: list = []  # per norm layer: its statistics counter's version after its last call
         self.layer_modes: list = []  # per layer: (mode id, mode) of the last train()/eval() reaching it
+        self._module_modes: dict = {}  # id(module) -> (mode id, mode): the same, for every module
+        self._functional: dict = {}  # (id(module), function) -> layer id of a functional dropout
         self._lock = threading.RLock()
         self._layer_of: dict = {}  # id(module) -> layer id, for watched layers and their copies
         self._copies: dict = {}  # id(copy) -> weakref, to notice a freed copy's id being reused
@@ -430,7 +486,7 @@ class Watcher:
             for name, module in model.named_modules():
                 self._paths[id(module)] = (index, name)
                 self._model_level.discard(id(module))  # a model adopted is a part now
-                category = layer_category(module)
+                category = category_of(module, self.named)
                 if category is None:
                     continue
                 layer = self._layer_of.get(id(module))
@@ -441,6 +497,8 @@ class Watcher:
                     self._define("layer", id=layer, name=name, kind=type(module).__name__,
                                  category=category, model=index, copy_of=None)
             self._model_level.update(id(m) for m in _unwrapped_chain(model))
+            if not model.training:
+                self._initial_eval_mode(model)
             self._param_ids.update(id(p) for p in model.parameters())
             self._optimizers.clear()  # an optimizer's verdict may change with the new parameters
             for root in _unwrapped_chain(model):
@@ -448,6 +506,24 @@ class Watcher:
                 hooks = _RootHooks(self)
                 self._handles.append(root.register_forward_pre_hook(hooks.before))
                 self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
+
+    def _initial_eval_mode(self, model: nn.Module) -> None:
+        """A model already in eval mode when watching begins (``from_pretrained()`` and many
+        checkpoint loaders return one): its eval mode is recorded as set where watching began,
+        the one line known to come after whatever set it. Layers put in eval mode while the model
+        is in train mode (deliberate freezing) are left as they are."""
+        user, _ = sites.user_frame(sys._getframe(1))
+        site = self._site(user)
+        key = (site, "eval", False, None, "model", "initial")
+        mode_id = self._intern("mode", key, lambda ident: self._define(
+            "mode", id=ident, site=site, call="eval", mode=False, target=None, scope="model", initial=True))
+        for module in model.modules():
+            if module.training:
+                continue
+            layer = self._layer_of.get(id(module))
+            if layer is not None and self.layer_modes[layer][0] is None:
+                self.layer_modes[layer] = (mode_id, False)
+            self._module_modes.setdefault(id(module), (mode_id, False))
 
     def _add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
         layer = len(self._layer_names)
@@ -458,7 +534,7 @@ class Watcher:
         self._define("layer", id=layer, name=name, kind=type(module).__name__,
                      category=category, model=model, copy_of=copy_of)
         if copy_of is None:
-            hooks = (_NormHooks if category == "norm" else _DropoutHooks)(self, layer, module)
+            hooks = _hooks_class(module, category)(self, layer, module)
             if getattr(hooks, "exact", False):
                 self._handles.append(module.register_forward_pre_hook(hooks.before))
             self._handles.append(module.register_forward_hook(hooks.after))
@@ -473,7 +549,7 @@ class Watcher:
         if getattr(module, "_is_replica", False):  # DataParallel's per-call replicas: the original
             return original
         with self._lock:
-            layer = self._add_layer(module, self._layer_names[original], layer_category(module) or "norm",
+            layer = self._add_layer(module, self._layer_names[original], category_of(module, self.named) or "norm",
                                     model=self._paths.get(id(module), (0, None))[0], copy_of=original)
             self._copies[id(module)] = weakref.ref(module)
             return layer
@@ -575,7 +651,7 @@ class Watcher:
     def _discover(self, module: nn.Module) -> None:
         """MODEWATCH=1: a module met for the first time, at a mode call or as the owner of an
         optimizer's parameters, is watched if it holds a mode-sensitive layer."""
-        if id(module) not in self._paths and any(layer_category(m) for m in module.modules()):
+        if id(module) not in self._paths and any(category_of(m, self.named) for m in module.modules()):
             self.add_model(module)
 
     def on_optimizer_created(self, optimizer: Any, frame: Any) -> None:
@@ -606,11 +682,13 @@ class Watcher:
         try:
             if self.discover and not nested:
                 self._discover(module)
-            layers = [layer for m in module.modules() if (layer := self._find_layer(m)) is not None]
-            if not layers:
+            modules = list(module.modules())
+            layers = [layer for m in modules if (layer := self._find_layer(m)) is not None]
+            known = [id(m) for m in modules if id(m) in self._paths]  # whose functional calls count
+            if not layers and not known:
                 return
             skip = None if nested else _inside_mode_method
-            user, _ = sites.user_frame(sys._getframe(2), skip)
+            user, _, via = sites.user_frame_via(sys._getframe(2), skip)
             site = self._site(user)
             model, path = self._paths.get(id(module), (None, None))
             if id(module) in self._layer_of:
@@ -621,13 +699,50 @@ class Watcher:
                 scope = "submodule"
             else:
                 scope = "outside"
-            key = (site, call, mode, path, scope)
+            key = (site, call, mode, path, scope, via)
             mode_id = self._intern("mode", key, lambda ident: self._define(
-                "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope))
+                "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope, via=via))
             for layer in layers:
                 self.layer_modes[layer] = (mode_id, mode)
+            for ident in known:
+                self._module_modes[ident] = (mode_id, mode)
         except Exception as exc:
             self.fail(exc)
+
+    def on_functional_call(self, kind: str, p: Optional[float], training: bool, frame: Any) -> None:
+        """A functional dropout (see ``functional``), recorded as a layer call of the module whose
+        forward made it. Only inside a watched forward, and never during a backward (activation
+        checkpointing recomputing a forward already recorded)."""
+        forward = self.state.forward
+        if forward is None or self.off or patches.backward_running():
+            return
+        try:
+            module = functional.enclosing_module(frame, self._paths)
+            if module is None or id(module) in self._layer_of:  # a watched layer records itself
+                return
+            layer = self._functional.get((id(module), kind))
+            if layer is None:
+                layer = self._add_functional(module, kind)
+            module_training = module.training
+            training, param = functional.row_values(p, training, module_training)
+            mode_id, mode = self._module_modes.get(id(module), (None, None))
+            forward.calls.append((layer, training | (_is_grad_enabled() << 1), None, param,
+                                  mode_id if mode == module_training else None))
+        except Exception as exc:
+            self.fail(exc)
+
+    def _add_functional(self, module: nn.Module, kind: str) -> int:
+        """A layer for the functional dropouts of one kind made by ``module``, named after it."""
+        with self._lock:
+            model, path = self._paths[id(module)]
+            layer = len(self._layer_names)
+            name = f"{path}:{kind}" if path else kind
+            self._layer_names.append(name)
+            self.versions.append(-1)
+            self.layer_modes.append((None, module.training))  # unused: the module's mode is read
+            self._functional[(id(module), kind)] = layer
+            self._define("layer", id=layer, name=name, kind=kind, category="dropout", model=model, copy_of=None)
+            return layer
 
     def on_optimizer_step(self, optimizer: Any) -> None:
         if self.off:
@@ -897,7 +1012,7 @@ def _inside_mode_method(frame: Any) -> bool:
 
 def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
     """The implementation of `modewatch.watch()` (documented there)."""
-    unknown = set(options) - {"flush_seconds", "fold", "on_finding"}
+    unknown = set(options) - {"flush_seconds", "fold", "on_finding", "layers"}
     if unknown:
         raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")
     return Watcher(model, log, **options)

@@ -95,8 +95,12 @@ class LogWriter:
     def site(self, id: int, file: str, line: int, function: str) -> None:
         self._log.msg("site", id=id, file=file, line=line, function=function)
 
-    def mode(self, id: int, site: Optional[int], call: str, mode: bool, target: Optional[str], scope: str) -> None:
-        self._log.msg("mode", id=id, site=site, call=call, mode=mode, target=target, scope=scope)
+    def mode(self, id: int, site: Optional[int], call: str, mode: bool, target: Optional[str], scope: str,
+             initial: bool = False, via: Optional[str] = None) -> None:
+        extra: dict = {"initial": True} if initial else {}  # both absent in the common case
+        if via is not None:
+            extra["via"] = via
+        self._log.msg("mode", id=id, site=site, call=call, mode=mode, target=target, scope=scope, **extra)
 
     def context(self, id: int, allow: list, recalibration: bool) -> None:
         self._log.msg("context", id=id, allow=allow, recalibration=recalibration)
@@ -167,6 +171,10 @@ class ModeSet(NamedTuple):
     mode: bool
     target: Optional[str]  # qualified name of the module it was called on; None if outside
     scope: str  # "model", "submodule", "layer" or "outside" (a wrapper above the model)
+    # The mode the model was already in when watching began (a loaded model starts in eval mode):
+    # not a call that was seen; site is then where watching began.
+    initial: bool = False
+    via: Optional[str] = None  # the library function the user's line called, which made the call
 
 
 class Context(NamedTuple):
@@ -386,6 +394,7 @@ class LogReader:
             self._define(self._modes, _int(event.get("id")), ModeSet(
                 site=None if site is None else self._ref(self._sites, site), call=call,
                 mode=_bool(event.get("mode")), target=_opt_text(event.get("target")), scope=scope,
+                initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")),
             ))
         elif kind == "context":
             allow = event.get("allow")

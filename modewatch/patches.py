@@ -5,6 +5,8 @@
   gradient with respect to inputs only; the collector's probes on a forward's outputs read it.
 - A global optimizer step post-hook counts steps (it fires for every optimizer class).
 - ``Optimizer.__init__`` is wrapped so that MODEWATCH=1 can find the models being trained.
+- Functional dropout (``F.dropout`` and variants, ``F.scaled_dot_product_attention``) is replaced
+  by the wrappers of ``functional``, which tell the watchers of each call.
 
 When the last watcher closes everything is restored: off means off.
 """
@@ -21,6 +23,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 import wrapt
 
+from . import functional
 from .logfile import INPUT_GRAD, PARAM_GRAD
 
 _lock = threading.Lock()
@@ -140,6 +143,50 @@ _PATCHES = (
 )
 
 
+def _on_functional_call(kind: str, p: Optional[float], training: bool, frame: Any) -> None:
+    for watcher in _watchers:
+        watcher.on_functional_call(kind, p, training, frame)
+
+
+def _install_functional() -> None:
+    for name, *arguments in functional.FUNCTIONS:
+        original = getattr(torch.nn.functional, name, None)
+        if original is None:  # an older torch without this variant
+            continue
+        _originals[(torch.nn.functional, name)] = original
+        setattr(torch.nn.functional, name, functional.make_wrapper(original, name, *arguments, _on_functional_call))
+
+
+def _is_ours(current: Any, original: Any) -> bool:
+    if isinstance(current, wrapt.FunctionWrapper):
+        return current.__wrapped__ is original
+    return getattr(current, "__modewatch_original__", None) is original
+
+
+# modewatch's modules whose code torch.compile must run as it is, never trace: hooks read the
+# stack, version counters and locks, which Dynamo would otherwise try to compile (and guard on).
+# ``functional`` is not among them: its wrappers are traced, so that dropout stays in the graph.
+EAGER_MODULES = ("modewatch.collector", "modewatch.patches", "modewatch.sites", "modewatch.allow",
+                 "modewatch.logfile", "modewatch.analysis", "modewatch.ranks", "structlog", "wrapt")
+_dynamo_told = False
+
+
+def _keep_out_of_compiled_graphs(dynamo: Any) -> None:
+    """When torch._dynamo is imported (torch.compile, Transformers, Lightning): tell it to run the
+    hooks' code eagerly. A hook call inside a compiled model is then a silent graph break."""
+    global _dynamo_told
+    if _dynamo_told:
+        return
+    _dynamo_told = True
+    try:
+        from torch._dynamo import trace_rules
+
+        for name in EAGER_MODULES:
+            trace_rules.add(name)
+    except Exception:  # a torch whose Dynamo has no such API: hooks are traced, with warnings
+        pass
+
+
 def _before_fork() -> None:
     for watcher in tuple(_watchers):
         watcher.before_fork()
@@ -191,6 +238,8 @@ def attach(watcher: Any) -> None:
                 original = owner.__dict__[name]
                 _originals[(owner, name)] = original
                 setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+            _install_functional()
+            wrapt.register_post_import_hook(_keep_out_of_compiled_graphs, "torch._dynamo")
             _step_hook = register_optimizer_step_post_hook(_on_step)
         _watchers.append(watcher)
 
@@ -207,7 +256,7 @@ def detach(watcher: Any) -> None:
             current = owner.__dict__.get(name)
             # Restore only our own wrapper: if someone patched on top of it, leave theirs alone
             # (our wrapper then passes calls through, as no watcher is left to tell).
-            if isinstance(current, wrapt.FunctionWrapper) and current.__wrapped__ is original:
+            if _is_ours(current, original):
                 setattr(owner, name, original)
         _originals.clear()
         _release_sigterm()

@@ -1,8 +1,11 @@
 """Finding the line of user code on the stack: who called the model, who called ``.eval()``.
 
-"User code" is any frame whose file is not inside torch, wrapt or modewatch. The verdict is
-cached per code object, so a walk costs a few attribute reads per frame. This module imports
-no torch; it reads package locations from ``sys.modules`` when first asked.
+"User code" is any frame whose file is not inside torch, wrapt or modewatch, nor inside a
+training library that calls .train()/.eval() and the model for its users (Transformers,
+Lightning, Accelerate): a mode set inside ``from_pretrained()`` or ``trainer.fit()`` is attributed
+to the user's line that called it, and the library function entered from there is kept as ``via``.
+The verdict is cached per code object, so a walk costs a few attribute reads per frame. This
+module imports no torch; it reads package locations from ``sys.modules`` when first asked.
 """
 
 from __future__ import annotations
@@ -13,30 +16,27 @@ from types import CodeType, FrameType
 from typing import Optional
 
 INTERNAL_PACKAGES = ("torch", "wrapt", "modewatch")
+LIBRARY_PACKAGES = ("transformers", "lightning", "pytorch_lightning", "lightning_fabric", "accelerate")
 
 # Library functions that recompute BatchNorm statistics on purpose, as (file name, function).
 # A forward that runs beneath one of them is a recalibration pass, not an evaluation.
 RECALIBRATION_FUNCTIONS = frozenset({("swa_utils.py", "update_bn")})
 
-USER, INTERNAL, RECALIBRATION = 0, 1, 2
+USER, INTERNAL, RECALIBRATION, LIBRARY = 0, 1, 2, 3
 
 _verdicts: dict[CodeType, int] = {}
-_prefixes: Optional[tuple[str, ...]] = None
+_folders: dict[str, str] = {}  # package -> its folder, once imported
 
 
-def _internal_prefixes() -> tuple[str, ...]:
-    global _prefixes
-    if _prefixes is None or len(_prefixes) < len(INTERNAL_PACKAGES):
-        found = []
-        for name in INTERNAL_PACKAGES:
-            module = sys.modules.get(name)
-            path = getattr(module, "__file__", None)
+def _prefixes(packages: tuple) -> tuple[str, ...]:
+    """The folders of those of ``packages`` imported so far. A package not imported yet has no
+    code on any stack, so a verdict made without it stays right."""
+    for name in packages:
+        if name not in _folders:
+            path = getattr(sys.modules.get(name), "__file__", None)
             if path:
-                found.append(os.path.dirname(os.path.abspath(path)) + os.sep)
-        if len(found) < len(INTERNAL_PACKAGES):  # not all imported yet: do not cache a partial answer
-            return tuple(found) + ("<frozen",)
-        _prefixes = tuple(found) + ("<frozen",)
-    return _prefixes
+                _folders[name] = os.path.dirname(os.path.abspath(path)) + os.sep
+    return tuple(_folders[name] for name in packages if name in _folders)
 
 
 def verdict(code: CodeType) -> int:
@@ -47,12 +47,13 @@ def verdict(code: CodeType) -> int:
         pass
     filename = code.co_filename
     absolute = filename if filename.startswith("<") else os.path.abspath(filename)
-    if not absolute.startswith(_internal_prefixes()):
-        result = USER
-    elif (os.path.basename(filename), code.co_name) in RECALIBRATION_FUNCTIONS:
-        result = RECALIBRATION
+    if absolute.startswith(_prefixes(INTERNAL_PACKAGES) + ("<frozen",)):
+        internal = (os.path.basename(filename), code.co_name) in RECALIBRATION_FUNCTIONS
+        result = RECALIBRATION if internal else INTERNAL
+    elif absolute.startswith(_prefixes(LIBRARY_PACKAGES)):
+        result = LIBRARY
     else:
-        result = INTERNAL
+        result = USER
     if len(_verdicts) < 100_000:  # code objects of exec'd strings could be endless
         _verdicts[code] = result
     return result
@@ -61,12 +62,21 @@ def verdict(code: CodeType) -> int:
 def user_frame(frame: Optional[FrameType], skip_code=None) -> tuple[Optional[FrameType], bool]:
     """The first frame from ``frame`` outwards that is user code, and whether a recalibration
     function was passed on the way. ``skip_code(frame)`` may skip further user frames."""
-    recalibrating = False
+    found, recalibrating, _ = user_frame_via(frame, skip_code)
+    return found, recalibrating
+
+
+def user_frame_via(frame: Optional[FrameType], skip_code=None) -> tuple[Optional[FrameType], bool, Optional[str]]:
+    """``user_frame``, and the library function the user frame called, if a library's frames
+    were passed on the way (``from_pretrained``, ``fit``)."""
+    recalibrating, via = False, None
     while frame is not None:
         kind = verdict(frame.f_code)
         if kind == USER and not (skip_code is not None and skip_code(frame)):
-            return frame, recalibrating
+            return frame, recalibrating, via
         if kind == RECALIBRATION:
             recalibrating = True
+        elif kind == LIBRARY:
+            via = frame.f_code.co_name
         frame = frame.f_back
-    return None, recalibrating
+    return None, recalibrating, via

@@ -39,9 +39,12 @@ def train_step(model, optimizer, x, y):
 
 
 def line_of(marker, obj=None):
-    """The line number of the line holding ``# <- marker`` in the file of ``obj`` (default: caller's)."""
+    """The line number of the line holding ``# <- marker`` in the file of ``obj`` (default: caller's),
+    or in the file at path ``obj``."""
     if obj is None:
         filename = inspect.stack()[1].filename
+    elif isinstance(obj, (str, os.PathLike)):
+        filename = os.fspath(obj)
     else:
         filename = inspect.getsourcefile(obj)
     with open(filename) as f:
@@ -71,3 +74,4 @@ def _no_watcher_left():
         watcher.close()
     assert not patches.active_watchers()
     assert "wrapt" not in type(nn.Module.__dict__["train"]).__module__
+    assert not hasattr(nn.functional.dropout, "__modewatch_original__")

@@ -1,0 +1,130 @@
+"""Functional dropout: ``F.dropout`` and its variants, and ``scaled_dot_product_attention``'s
+``dropout_p`` (``nn.MultiheadAttention`` drops through one of the two).
+
+These drop activations without an ``nn.Dropout`` module, so no layer hook sees them. While a
+watcher is active, ``patches`` replaces them in ``torch.nn.functional`` by the wrappers made here;
+the watcher attributes each call to the module whose forward made it (``enclosing_module``). A
+plain Python wrapper, not wrapt: ``torch.compile`` traces through it (see ``_compiling``).
+
+What a call *did* is reduced to the three values the collector records (see ``row_values``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from types import CodeType
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules import dropout as _dropout_modules
+
+# (name in torch.nn.functional, index of p in its positional arguments, p's keyword, p's default,
+#  index of training, training's default); sdpa has no training argument: dropout_p is the switch.
+FUNCTIONS = (
+    ("dropout", 1, "p", 0.5, 2, True),
+    ("dropout1d", 1, "p", 0.5, 2, True),
+    ("dropout2d", 1, "p", 0.5, 2, True),
+    ("dropout3d", 1, "p", 0.5, 2, True),
+    ("alpha_dropout", 1, "p", 0.5, 2, False),
+    ("feature_alpha_dropout", 1, "p", 0.5, 2, False),
+    ("scaled_dot_product_attention", 4, "dropout_p", 0.0, None, True),
+)
+
+MAX_FRAMES = 12  # frames looked at, outwards from the call, for the module that made it
+
+# The forwards of torch's Dropout modules call F.dropout themselves: their layer hooks record
+# those calls already, so the wrapper lets them through at the cost of one set lookup.
+_MODULE_FORWARDS = frozenset(
+    cls.forward.__code__ for cls in vars(_dropout_modules).values()
+    if isinstance(cls, type) and issubclass(cls, _dropout_modules._DropoutNd) and "forward" in vars(cls)
+)
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def number(value: Any) -> Optional[float]:
+    """p as a float, or None where it is not a plain number (a tensor: reading it would sync)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    """training as a bool; a value that is not a plain bool or int (a tensor) counts as True."""
+    return bool(value) if isinstance(value, (bool, int)) else True
+
+
+def make_wrapper(original: Callable, name: str, p_index: int, p_keyword: str, p_default: float,
+                 training_index: Optional[int], training_default: bool, on_call: Callable) -> Callable:
+    """A stand-in for ``torch.nn.functional.<name>`` that tells ``on_call(kind, p, training, frame)``
+    about each call made by user code, then calls the original, whatever happened."""
+    kind = f"F.{name}"
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _compiling():  # traced by torch.compile: constant, the branch disappears
+            try:
+                frame = sys._getframe(1)
+                if frame.f_code not in _MODULE_FORWARDS:
+                    p = args[p_index] if len(args) > p_index else kwargs.get(p_keyword, p_default)
+                    if training_index is None:
+                        training = True
+                    else:
+                        training = args[training_index] if len(args) > training_index else \
+                            kwargs.get("training", training_default)
+                    on_call(kind, number(p), _flag(training), frame)
+            except Exception:  # the watcher reports its own failures; nothing reaches the user
+                pass
+        return original(*args, **kwargs)
+
+    wrapper.__modewatch_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+_SELF_NAMES = ("self", "module")  # Hugging Face's attention functions take the module as `module`
+_receivers: dict = {}
+
+
+def _receiver(code: CodeType) -> Optional[str]:
+    """The name of the argument of ``code`` that may hold a module (``self``), or None."""
+    try:
+        return _receivers[code]
+    except KeyError:
+        pass
+    found = code.co_varnames[0] if code.co_argcount and code.co_varnames[0] in _SELF_NAMES else None
+    if len(_receivers) < 100_000:
+        _receivers[code] = found
+    return found
+
+
+def enclosing_module(frame: Any, known: dict) -> Optional[nn.Module]:
+    """The innermost module on the stack, from ``frame`` outwards, whose id is in ``known``."""
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return None
+        name = _receiver(frame.f_code)
+        if name is not None:
+            candidate = frame.f_locals.get(name)
+            if isinstance(candidate, nn.Module) and id(candidate) in known:
+                return candidate
+        frame = frame.f_back
+    return None
+
+
+def row_values(p: Optional[float], training: bool, module_training: bool) -> tuple:
+    """(training, p) to record for one functional call, by what it did and its module's mode.
+
+    - It dropped: recorded as a Dropout in train mode with that p, whatever the module's mode
+      (a module in eval mode whose call still drops ignores its mode: dropout-in-eval).
+    - It did not drop and the module is in train mode: dropout configured off (p 0, or a
+      deliberate training=False); recorded with p 0, which no rule reports.
+    - It did not drop and the module is in eval mode: switched off by the mode. Transformers
+      passes p=0.0 in eval mode, so the configured p is unknown (None) unless it was given.
+    """
+    if training and (p is None or p > 0):
+        return True, p
+    if module_training:
+        return True, 0.0
+    return False, p if p else None
