@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from types import CodeType
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.nn.modules import dropout as _dropout_modules
 
 # (name in torch.nn.functional, index of p in its positional arguments, p's keyword, p's default,
 #  index of training, training's default); sdpa has no training argument: dropout_p is the switch.
@@ -34,12 +34,21 @@ FUNCTIONS = (
 
 MAX_FRAMES = 12  # frames looked at, outwards from the call, for the module that made it
 
-# The forwards of torch's Dropout modules call F.dropout themselves: their layer hooks record
-# those calls already, so the wrapper lets them through at the cost of one set lookup.
-_MODULE_FORWARDS = frozenset(
-    cls.forward.__code__ for cls in vars(_dropout_modules).values()
-    if isinstance(cls, type) and issubclass(cls, _dropout_modules._DropoutNd) and "forward" in vars(cls)
-)
+# nn.MultiheadAttention drops through F.multi_head_attention_forward, which calls the wrappers;
+# its layer hook records those calls already, so the wrapper lets them through at once.
+_RECORDED_BY_LAYER = frozenset({torch.nn.functional.multi_head_attention_forward.__code__})
+
+
+def originals_namespace() -> types.ModuleType:
+    """A stand-in for ``torch.nn.functional`` holding its functions as they are now (unwrapped).
+
+    torch's Dropout modules call ``F.dropout`` through their module's global ``F``; given this
+    instead, they reach torch's own function directly, with no wrapper to pass through (their
+    layer hooks record those calls already). Only functions are looked up there.
+    """
+    namespace = types.ModuleType(torch.nn.functional.__name__)
+    namespace.__dict__.update(vars(torch.nn.functional))
+    return namespace
 
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
@@ -67,7 +76,7 @@ def make_wrapper(original: Callable, name: str, p_index: int, p_keyword: str, p_
         if not _compiling():  # traced by torch.compile: constant, the branch disappears
             try:
                 frame = sys._getframe(1)
-                if frame.f_code not in _MODULE_FORWARDS:
+                if frame.f_code not in _RECORDED_BY_LAYER:
                     p = args[p_index] if len(args) > p_index else kwargs.get(p_keyword, p_default)
                     if training_index is None:
                         training = True

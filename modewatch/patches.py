@@ -28,7 +28,7 @@ from .logfile import INPUT_GRAD, PARAM_GRAD
 
 _lock = threading.Lock()
 _watchers: list = []  # active Watcher objects, in creation order
-_originals: dict = {}  # (owner, name) -> original attribute, while patched
+_originals: dict = {}  # (owner, name) -> (original attribute, what was put in its place), while patched
 _step_hook = None
 
 # The kind of backward in progress. A plain list, not thread-local: on a GPU the autograd engine
@@ -149,18 +149,20 @@ def _on_functional_call(kind: str, p: Optional[float], training: bool, frame: An
 
 
 def _install_functional() -> None:
+    # torch's Dropout modules get the unwrapped functions: their hooks record their calls.
+    dropout_modules = torch.nn.modules.dropout
+    if dropout_modules.__dict__.get("F") is torch.nn.functional:
+        _replace(dropout_modules, "F", functional.originals_namespace())
     for name, *arguments in functional.FUNCTIONS:
         original = getattr(torch.nn.functional, name, None)
-        if original is None:  # an older torch without this variant
-            continue
-        _originals[(torch.nn.functional, name)] = original
-        setattr(torch.nn.functional, name, functional.make_wrapper(original, name, *arguments, _on_functional_call))
+        if original is not None:  # None: an older torch without this variant
+            _replace(torch.nn.functional, name,
+                     functional.make_wrapper(original, name, *arguments, _on_functional_call))
 
 
-def _is_ours(current: Any, original: Any) -> bool:
-    if isinstance(current, wrapt.FunctionWrapper):
-        return current.__wrapped__ is original
-    return getattr(current, "__modewatch_original__", None) is original
+def _replace(owner: Any, name: str, replacement: Any) -> None:
+    _originals[(owner, name)] = (owner.__dict__[name], replacement)
+    setattr(owner, name, replacement)
 
 
 # modewatch's modules whose code torch.compile must run as it is, never trace: hooks read the
@@ -235,9 +237,7 @@ def attach(watcher: Any) -> None:
         if not _watchers:
             _catch_sigterm()
             for owner, name, wrapper in _PATCHES:
-                original = owner.__dict__[name]
-                _originals[(owner, name)] = original
-                setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+                _replace(owner, name, wrapt.FunctionWrapper(owner.__dict__[name], wrapper))
             _install_functional()
             wrapt.register_post_import_hook(_keep_out_of_compiled_graphs, "torch._dynamo")
             _step_hook = register_optimizer_step_post_hook(_on_step)
@@ -252,11 +252,10 @@ def detach(watcher: Any) -> None:
             _watchers.remove(watcher)
         if _watchers or not _originals:
             return
-        for (owner, name), original in _originals.items():
-            current = owner.__dict__.get(name)
+        for (owner, name), (original, replacement) in _originals.items():
             # Restore only our own wrapper: if someone patched on top of it, leave theirs alone
             # (our wrapper then passes calls through, as no watcher is left to tell).
-            if _is_ours(current, original):
+            if owner.__dict__.get(name) is replacement:
                 setattr(owner, name, original)
         _originals.clear()
         _release_sigterm()

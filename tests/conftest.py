@@ -75,3 +75,4 @@ def _no_watcher_left():
     assert not patches.active_watchers()
     assert "wrapt" not in type(nn.Module.__dict__["train"]).__module__
     assert not hasattr(nn.functional.dropout, "__modewatch_original__")
+    assert torch.nn.modules.dropout.F is nn.functional
