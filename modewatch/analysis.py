@@ -116,15 +116,18 @@ class _Cause:
     """Accumulates the calls of one finding while the logs stream by."""
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
-                 "first_forward", "forward_site", "layers", "smallest_batch")
+                 "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call")
 
-    def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str):
+    def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
+                 call: Optional[tuple] = None):
         self.rule, self.severity, self.mode, self.rank, self.log = rule, severity, mode, rank, log
+        self.call = call  # (function, its call line) of a functional dropout that ignores the mode
         self.count = 0
         self.first_step = self.last_step = None
         self.first_forward: Optional[tuple] = None
         self.forward_site: Optional[Site] = None
         self.layers: dict = {}  # name -> forwards, in order of first appearance
+        self.kinds: dict = {}  # name -> class name, for the names shown in the message
         self.smallest_batch: Optional[int] = None
 
     def add(self, calls: Calls, log_index: int) -> None:
@@ -140,6 +143,8 @@ class _Cause:
             self.first_forward, self.forward_site = order, calls.site
         name = calls.layer.name
         if name in self.layers or len(self.layers) < MAX_LAYERS_PER_FINDING:
+            if name not in self.layers and len(self.layers) < 6:  # only the first six are shown
+                self.kinds[name] = calls.layer.kind
             self.layers[name] = self.layers.get(name, 0) + calls.forwards
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
@@ -152,8 +157,8 @@ class _Cause:
             layers=list(self.layers), count=self.count,
             first_step=self.first_step, last_step=self.last_step, rank=self.rank,
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
-            fix=IGNORES_MODE_FIX if _ignores_mode(self) else RULES[self.rule][1], batches=batches,
-            cause=_headline(self.mode, self.rule), log=self.log,
+            fix=IGNORES_MODE_FIX if self.call else RULES[self.rule][1], batches=batches,
+            cause=_call_text(self.call) if self.call else _headline(self.mode, self.rule), log=self.log,
         )
 
 
@@ -224,10 +229,20 @@ def _why(mode: Optional[ModeSet], rule: str) -> str:
     return f"The mode was last set by {_cause_text(mode, rule)}"
 
 
-def _ignores_mode(cause: "_Cause") -> bool:
-    """Dropout that ran in an evaluation forward although a .eval() call had reached its module:
-    only a functional dropout can (F.dropout without training=self.training)."""
-    return cause.rule == "dropout-in-eval" and cause.mode is not None and not cause.mode.mode
+def _ignored_mode_call(calls: Calls, rule: str) -> Optional[tuple]:
+    """Dropout that ran in an evaluation forward although a .eval() call had reached its module
+    (only a functional dropout can: F.dropout without training=self.training): its function and
+    call line, which make a cause of their own. None for any other finding."""
+    if rule == "dropout-in-eval" and calls.mode is not None and not calls.mode.mode:
+        return calls.layer.kind, calls.layer.site
+    return None
+
+
+def _call_text(call: tuple) -> str:
+    """``F.dropout at model.py:39 in forward() ignores its module's mode``."""
+    function, site = call
+    where = "" if site is None else f" at {site.file}:{site.line} in {site.function}()"
+    return f"{function}{where} ignores its module's mode"
 
 
 IGNORES_MODE_FIX = ("pass the module's mode to the call: F.dropout(x, p, training=self.training), "
@@ -236,9 +251,9 @@ IGNORES_MODE_FIX = ("pass the module's mode to the call: F.dropout(x, p, trainin
 
 def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     text = _summary(cause, batches, small_batch)
-    if _ignores_mode(cause):
-        return (f"{text} The module was in eval mode, set by {_cause_text(cause.mode, cause.rule)}, "
-                f"but the call does not follow the module's mode.")
+    if cause.call:
+        return (f"{text} {_call_text(cause.call)}: the module was in eval mode, set by "
+                f"{_cause_text(cause.mode, cause.rule)}, and the call dropped all the same.")
     return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
 
 
@@ -246,13 +261,16 @@ def plural(count: int, noun: str) -> str:
     """``1 training batch``, ``2 training batches``."""
     if count == 1:
         return f"1 {noun}"
-    return f"{count} {noun}es" if noun.endswith(("ch", "s")) else f"{count} {noun}s"
+    return f"{count:,} {noun}es" if noun.endswith(("ch", "s")) else f"{count:,} {noun}s"
 
 
-def layers_text(names: Any) -> str:
-    """``in layer drop`` / ``in layers bn1, bn2, ...``: names, never mistaken for a count."""
+def layers_text(names: Any, kinds: Optional[dict] = None) -> str:
+    """``in layer drop`` / ``in layers bn1, bn2, ...``: names, never mistaken for a count. A name
+    ending in a number (``nn.Sequential``'s ``1``, ``features.3``) gets its class: ``1 (BatchNorm1d)``."""
     names = list(names)
-    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    kinds = kinds or {}
+    shown = ", ".join(f"{name} ({kinds[name]})" if name in kinds and name.rsplit(".", 1)[-1].isdigit() else name
+                      for name in names[:6]) + (", ..." if len(names) > 6 else "")
     return f"in layer {shown}" if len(names) == 1 else f"in layers {shown}"
 
 
@@ -274,11 +292,11 @@ SUMMARIES = {
 
 
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
-    flavour = "ignores-mode" if _ignores_mode(cause) else cause.severity
+    flavour = "ignores-mode" if cause.call else cause.severity
     template = SUMMARIES.get(f"{cause.rule}/{flavour}") or SUMMARIES[cause.rule]
     return template.format(
         training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
-        forwards=plural(batches, "forward"), layers=layers_text(cause.layers), small_batch=small_batch,
+        forwards=plural(batches, "forward"), layers=layers_text(cause.layers, cause.kinds), small_batch=small_batch,
         smallest=cause.smallest_batch,
     )
 
@@ -291,13 +309,14 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
     for rule, severity in rules_for(calls, small_batch):
         if rule in ignored or rule in calls.context.allow:
             continue
-        key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None)
+        call = _ignored_mode_call(calls, rule)
+        key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None, call)
         cause = causes.get(key)
         if cause is None:
             if len(causes) >= MAX_CAUSES:
                 summary["dropped_causes"] += 1
                 continue
-            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log)
+            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call)
         fed.append(cause)
     return fed
 

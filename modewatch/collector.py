@@ -408,6 +408,11 @@ class Watcher:
             raise ValueError(f"on_finding must be 'warn' or 'raise', not {on_finding!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"modewatch.watch() needs a torch.nn.Module, not {type(model).__name__}")
+        if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+            raise ValueError("modewatch.watch(flush_seconds=...) must be a number of seconds (0 or more), "
+                             f"not {flush_seconds!r}")
+        if not isinstance(fold, bool):
+            raise TypeError(f"modewatch.watch(fold=...) must be True or False, not {fold!r}")
         self.named = check_named(layers)  # custom layers named by the user
         self.off = True  # hooks do nothing until the log is open
         self.template = os.fspath(log) if log is not None else (
@@ -683,8 +688,8 @@ class Watcher:
             if self.discover and not nested:
                 self._discover(module)
             modules = list(module.modules())
-            layers = [layer for m in modules if (layer := self._find_layer(m)) is not None]
-            known = [id(m) for m in modules if id(m) in self._paths]  # whose functional calls count
+            layers = [(m, layer) for m in modules if (layer := self._find_layer(m)) is not None]
+            known = [m for m in modules if id(m) in self._paths]  # whose functional calls count
             if not layers and not known:
                 return
             skip = None if nested else _inside_mode_method
@@ -702,10 +707,12 @@ class Watcher:
             key = (site, call, mode, path, scope, via)
             mode_id = self._intern("mode", key, lambda ident: self._define(
                 "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope, via=via))
-            for layer in layers:
-                self.layer_modes[layer] = (mode_id, mode)
-            for ident in known:
-                self._module_modes[ident] = (mode_id, mode)
+            for m, layer in layers:
+                if not (via and _already(self.layer_modes[layer], m, mode)):
+                    self.layer_modes[layer] = (mode_id, mode)
+            for m in known:
+                if not (via and _already(self._module_modes.get(id(m), (None, None)), m, mode)):
+                    self._module_modes[id(m)] = (mode_id, mode)
         except Exception as exc:
             self.fail(exc)
 
@@ -722,7 +729,7 @@ class Watcher:
                 return
             layer = self._functional.get((id(module), kind))
             if layer is None:
-                layer = self._add_functional(module, kind)
+                layer = self._add_functional(module, kind, frame)
             module_training = module.training
             training, param = functional.row_values(p, training, module_training)
             mode_id, mode = self._module_modes.get(id(module), (None, None))
@@ -731,17 +738,20 @@ class Watcher:
         except Exception as exc:
             self.fail(exc)
 
-    def _add_functional(self, module: nn.Module, kind: str) -> int:
-        """A layer for the functional dropouts of one kind made by ``module``, named after it."""
+    def _add_functional(self, module: nn.Module, kind: str, frame: Any) -> int:
+        """A layer for the functional dropouts of one kind made by ``module``, named after it (the
+        watched model itself by its class), with the line of its first call."""
         with self._lock:
             model, path = self._paths[id(module)]
             layer = len(self._layer_names)
-            name = f"{path}:{kind}" if path else kind
+            name = f"{path or type(module).__name__}:{kind}"
+            site = self._site(frame)
             self._layer_names.append(name)
             self.versions.append(-1)
             self.layer_modes.append((None, module.training))  # unused: the module's mode is read
             self._functional[(id(module), kind)] = layer
-            self._define("layer", id=layer, name=name, kind=kind, category="dropout", model=model, copy_of=None)
+            self._define("layer", id=layer, name=name, kind=kind, category="dropout", model=model, copy_of=None,
+                         site=site)
             return layer
 
     def on_optimizer_step(self, optimizer: Any) -> None:
@@ -895,6 +905,8 @@ class Watcher:
                 self._write(open_runs=True)
                 if self._writer is not None:
                     self._writer.footer(steps=self.step, forwards=self._seq)
+                    if self.discover:  # MODEWATCH=1: nobody chose the path, so say where it is
+                        sys.stderr.write(f"modewatch: wrote {self.path} (see: modewatch analyze {self.path})\n")
         except Exception as exc:
             self._warn(exc)
         finally:
@@ -931,7 +943,7 @@ class Watcher:
             message = (f"modewatch stopped watching after an internal error ({type(exc).__name__}: {exc}); "
                        f"training goes on unwatched. Log so far: {self.path}")
         try:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=sites.user_stacklevel(sys._getframe()))
         except Exception:  # warnings turned into errors must not reach the user's code
             try:
                 sys.stderr.write(f"warning: {message}\n")
@@ -1002,7 +1014,15 @@ class _Live:
             self.told.add(key)
             if self.on_finding == "raise":
                 raise ModeFindingError(finding)
-            warnings.warn(f"{finding.rule}: {finding.message}", ModewatchWarning, stacklevel=2)
+            warnings.warn(f"{finding.rule}: {finding.message}", ModewatchWarning,
+                          stacklevel=sites.user_stacklevel(sys._getframe()))
+
+
+def _already(recorded: tuple, module: nn.Module, mode: bool) -> bool:
+    """Whether a module is in ``mode`` already, set by a recorded call. A library that sets the
+    mode its user had set (Lightning's eval() for validation of a model the user left in eval
+    mode) does not take over the blame: the user's own call stays the one that set it."""
+    return recorded[0] is not None and recorded[1] == mode and module.training == mode
 
 
 def _inside_mode_method(frame: Any) -> bool:
@@ -1010,9 +1030,15 @@ def _inside_mode_method(frame: Any) -> bool:
     return frame.f_code.co_name in ("train", "eval") and isinstance(frame.f_locals.get("self"), nn.Module)
 
 
+OPTIONS = ("flush_seconds", "fold", "on_finding", "layers")
+
+
 def watch(model: nn.Module, log: Any = None, **options: Any) -> Watcher:
     """The implementation of `modewatch.watch()` (documented there)."""
-    unknown = set(options) - {"flush_seconds", "fold", "on_finding", "layers"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r}")
+        raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r} "
+                        f"(it takes {', '.join(OPTIONS)})")
+    if model is None:  # Watcher(None) is MODEWATCH=1's watcher of models yet to come
+        raise TypeError("modewatch.watch() needs a torch.nn.Module, not None")
     return Watcher(model, log, **options)

@@ -89,8 +89,11 @@ class LogWriter:
     def header(self, **fields: Any) -> None:
         self._log.msg(HEADER_EVENT, schema=SCHEMA, modewatch=__version__, **fields)
 
-    def layer(self, id: int, name: str, kind: str, category: str, model: int, copy_of: Optional[int]) -> None:
-        self._log.msg("layer", id=id, name=name, kind=kind, category=category, model=model, copy_of=copy_of)
+    def layer(self, id: int, name: str, kind: str, category: str, model: int, copy_of: Optional[int],
+              site: Optional[int] = None) -> None:
+        extra = {} if site is None else {"site": site}  # a functional dropout's call line
+        self._log.msg("layer", id=id, name=name, kind=kind, category=category, model=model, copy_of=copy_of,
+                      **extra)
 
     def site(self, id: int, file: str, line: int, function: str) -> None:
         self._log.msg("site", id=id, file=file, line=line, function=function)
@@ -149,18 +152,19 @@ class Header(NamedTuple):
     world_size: Optional[int]
 
 
+class Site(NamedTuple):
+    file: str
+    line: int
+    function: str
+
+
 class Layer(NamedTuple):
     name: str
     kind: str
     category: str  # "dropout" or "norm"
     model: int
     copy: bool  # a deep copy of a watched layer, found when it was first called
-
-
-class Site(NamedTuple):
-    file: str
-    line: int
-    function: str
+    site: Optional[Site] = None  # a functional dropout: the line that calls the function
 
 
 class ModeSet(NamedTuple):
@@ -377,9 +381,11 @@ class LogReader:
             category = event.get("category")
             if category not in CATEGORIES:
                 raise _Bad
+            site = event.get("site")
             self._define(self._layers, _int(event.get("id")), Layer(
                 name=_text(event.get("name")), kind=_text(event.get("kind")), category=category,
                 model=_int(event.get("model")), copy=event.get("copy_of") is not None,
+                site=None if site is None else self._ref(self._sites, site),
             ))
         elif kind == "site":
             self._define(self._sites, _int(event.get("id")), Site(

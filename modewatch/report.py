@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from ._version import __version__
-from .analysis import Analysis, Finding
+from .analysis import Analysis, Finding, plural
 
 
 def json_report(analysis: Analysis) -> str:
@@ -79,11 +79,15 @@ def text_report(analysis: Analysis) -> str:
         for finding in findings:
             lines.append(f"  {finding.severity:<7} {finding.rule:<21} {finding.summary}")
             where = f"first at {_site(finding.forward_site)}" if finding.forward_site else "first at an unknown line"
-            lines.append(f"  {'':<29} {finding.count:,} layer calls, {_steps(finding)}, {where}")
-        actionable = [f for f in findings if f.severity != "info" or f.rule == "eval-with-grad"]
-        if actionable:  # deliberate freezing and recalibration need no fix
-            lines.append(f"  fix: {actionable[0].fix}")
+            lines.append(f"  {'':<29} {plural(finding.count, 'layer call')}, {_steps(finding)}, {where}")
+        lines += [f"  fix: {fix}" for fix in _fixes(findings)]
     return "\n".join(lines) + "\n"
+
+
+def _fixes(findings: list) -> list:
+    """The distinct fixes of a group of findings, in order; deliberate freezing and recalibration
+    (info) need none."""
+    return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or f.rule == "eval-with-grad"))
 
 
 def _md(text: str) -> str:
@@ -103,7 +107,7 @@ def markdown_report(analysis: Analysis) -> str:
         for f in findings:
             where = _md(_site(f.forward_site)) if f.forward_site else ""
             lines.append(f"| {f.severity} | `{f.rule}` | {_md(f.summary or f.message)} | {where} |")
-        lines += ["", f"Fix: {_md(findings[0].fix)}", ""]
+        lines += [""] + [f"Fix: {_md(fix)}" for fix in _fixes(findings)] + [""]
     return "\n".join(lines)
 
 

@@ -80,3 +80,14 @@ def user_frame_via(frame: Optional[FrameType], skip_code=None) -> tuple[Optional
             via = frame.f_code.co_name
         frame = frame.f_back
     return None, recalibrating, via
+
+
+def user_stacklevel(frame: Optional[FrameType]) -> int:
+    """The ``stacklevel`` that makes a warning issued in ``frame`` point at the first user frame
+    outwards (1, the frame itself, where there is none)."""
+    level = 1
+    while frame is not None:
+        if verdict(frame.f_code) == USER:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1

@@ -148,7 +148,7 @@ LIGHTNING = """
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     model = Classifier()
     if sys.argv[1:] == ["eval"]:
-        model.eval()
+        model.eval()  # <- user eval
     trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", enable_progress_bar=False, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(model, loader, loader)  # <- fit
@@ -166,7 +166,8 @@ def test_lightning_fit_has_no_error_findings(tmp_path):
 
 def test_lightning_module_left_in_eval_at_fit_is_found(tmp_path):
     """A module in eval mode when fit() starts trains in eval mode (Lightning restores the mode it
-    found after each validation): both layers are found and named."""
+    found after each validation): both layers are found and named, and the mode site is the
+    user's eval() call, not Lightning's own eval() for validation, which changed nothing."""
     document, code, script = run_script(tmp_path, LIGHTNING, "eval")
     assert code == 1
     found = {f["rule"]: f for f in document["findings"]}
@@ -175,5 +176,5 @@ def test_lightning_module_left_in_eval_at_fit_is_found(tmp_path):
     assert found["bn-frozen-in-train"]["layers"] == ["net.1"]
     assert found["bn-frozen-in-train"]["count"] == 8
     assert found["bn-frozen-in-train"]["forward_site"]["line"] == line_of("lightning forward", script)
-    # The last eval() to reach the model was Lightning's, inside fit(): the user's fit() line.
-    assert found["bn-frozen-in-train"]["mode_site"]["line"] == line_of("fit", script)
+    assert found["bn-frozen-in-train"]["mode_site"]["line"] == line_of("user eval", script)
+    assert "inside" not in found["bn-frozen-in-train"]["message"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import modewatch
+import modewatch.collector
 from conftest import Net, batches, line_of, train_step
 
 
@@ -35,6 +36,8 @@ def test_warn_once_per_cause_with_the_analyzers_findings(log):
     assert live == ["bn-frozen-in-train", "train-without-dropout"]
     for warning in caught:  # each carries the analyzer's own sentence about the cause
         assert f"last set by model.eval() at {__file__}:{line_of('live eval')}" in str(warning.message)
+        assert warning.filename != modewatch.collector.__file__  # it points at the user's code
+        assert warning.filename.endswith(("test_live.py", "conftest.py"))
 
 
 def test_raise_at_the_first_error_finding(log):

@@ -73,6 +73,8 @@ def test_environment_variable_watches_a_script_that_does_not_import_modewatch(tm
     assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
     assert found["train-without-dropout"].mode_site["line"] == TRAIN.splitlines().index("        model.eval()") + 1
     assert found["train-without-dropout"].forward_site["file"] == str(train_py)
+    # Nobody chose the log's name: the process says where it went, in one line.
+    assert result.stderr.count(f"modewatch: wrote {log} (see: modewatch analyze {log})") == 1, result.stderr
 
 
 @pytest.mark.parametrize("value", [None, "0", ""])
@@ -98,6 +100,7 @@ def test_a_process_that_watches_nothing_writes_no_log(tmp_path):
     """Under MODEWATCH=1 a process that imports torch but trains no model leaves no log behind."""
     result = python(["-c", "import torch; torch.ones(2) * 2"], tmp_path, {"MODEWATCH": "1"})
     assert result.returncode == 0 and not glob.glob(str(tmp_path / "*.jsonl")), result.stderr
+    assert "modewatch" not in result.stderr
 
 
 def test_the_pth_line_itself_starts_watching(tmp_path):

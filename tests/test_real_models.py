@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import modewatch
+import modewatch.report
 from conftest import batches, findings_by_rule, line_of
 
 
@@ -155,14 +156,35 @@ def test_functional_dropout_that_ignores_the_mode_is_found_with_its_fix(log):
             model(data[0][0])  # <- evaluation forward
         model.train()
 
-    found = findings_by_rule(run(model, log, data, evaluate))
+    analysis = run(model, log, data, evaluate)
+    found = findings_by_rule(analysis)
     assert set(found) == {"dropout-in-eval"}
     finding = found["dropout-in-eval"]
     assert finding.layers == ["extra:F.dropout"]
     assert finding.batches == 4
     assert finding.mode_site["line"] == line_of("eval before validation")
-    assert "does not follow the module's mode" in finding.message
+    call = f"F.dropout at {__file__}:{line_of('forgetful dropout')} in forward() ignores its module's mode"
+    assert call in finding.message and finding.cause == call  # its own heading in the text report
     assert "training=self.training" in finding.fix
+    assert f"{call}:\n" in modewatch.report.text_report(analysis)
+
+
+def test_each_fix_of_a_group_is_shown(log):
+    """The forgetful call and a forgotten model.train() in one run: the text report names each
+    cause with its own fix (train() for the one, training=self.training for the other)."""
+    torch.manual_seed(0)
+    model, data = Heads(forgetful=True), batches(4)
+    text = modewatch.report.text_report(run(model, log, data, forget_train(model, data)))
+    assert "fix: call model.train() before the training batches" in text
+    assert "fix: pass the module's mode to the call" in text
+
+
+def test_functional_dropout_of_the_model_itself_is_named_by_its_class(log):
+    """F.dropout in the watched model's own forward: the layer is named after the model's class."""
+    torch.manual_seed(0)
+    model, data = ForgetfulBlock(), batches(2)
+    found = findings_by_rule(run(model, log, data, validate_in_train_mode(model, data)))
+    assert found["dropout-in-eval"].layers == ["ForgetfulBlock:F.dropout"]
 
 
 def test_nn_dropout_is_not_counted_twice(log):
@@ -344,6 +366,8 @@ def test_seed_bugs_are_found_in_a_compiled_model(log, order, recwarn):
     assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
     assert found["train-without-dropout"].count == 3
     assert found["train-without-dropout"].mode_site["line"] == line_of("compiled eval")
+    prefix = "" if order == "watch, then compile" else "_orig_mod."
+    assert f"(in layer {prefix}3 (Dropout))" in found["train-without-dropout"].message  # a bare number: the class
     assert all(loss == loss for loss in losses)  # no NaN
     found, _ = compiled_run(log, order, "validation in train mode")
     assert set(found) == {"stat-update-in-eval", "dropout-in-eval"}

@@ -221,8 +221,15 @@ def test_watch_rejects_what_is_not_a_module(log):
     """watch() says clearly what it needs."""
     with pytest.raises(TypeError, match="torch.nn.Module"):
         modewatch.watch(lambda x: x, log=log)
-    with pytest.raises(TypeError, match="unknown option 'layer'"):
+    with pytest.raises(TypeError, match="unknown option 'layer' .*it takes flush_seconds, fold, on_finding, layers"):
         modewatch.watch(Net(), log=log, layer="x")
+    with pytest.raises(TypeError, match="not None"):
+        modewatch.watch(None, log=log)
+    with pytest.raises(ValueError, match="flush_seconds=.... must be a number of seconds .0 or more., not -1"):
+        modewatch.watch(Net(), log=log, flush_seconds=-1)
+    with pytest.raises(TypeError, match="fold=.... must be True or False, not 'no'"):
+        modewatch.watch(Net(), log=log, fold="no")
+    assert not os.path.exists(log)  # nothing half-made
 
 
 def test_mode_calls_are_recorded_once_per_user_call(log):
