@@ -261,18 +261,9 @@ class _DropoutHooks(_Hooks):
         return (layer, training | (_is_grad_enabled() << 1), None, module.p, mode_id if mode == training else None)
 
 
-class _AttentionHooks(_DropoutHooks):
-    """nn.MultiheadAttention: a dropout layer whose probability is its ``dropout`` attribute."""
-
-    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
-        training = module.training
-        mode_id, mode = self.modes[layer]
-        return (layer, training | (_is_grad_enabled() << 1), None, module.dropout,
-                mode_id if mode == training else None)
-
-
-class _CustomDropoutHooks(_DropoutHooks):
-    """A custom dropout-like layer (DropPath): its probability, where it keeps one, is recorded."""
+class _OtherDropoutHooks(_DropoutHooks):
+    """A dropout-like layer other than torch's Dropout (nn.MultiheadAttention, DropPath): its
+    probability is read from the attribute that holds it, where it has one."""
 
     def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
         super().__init__(watcher, layer, module)
@@ -336,11 +327,7 @@ class _NormHooks(_DropoutHooks):
 def _hooks_class(module: nn.Module, category: str) -> type:
     if category == "norm":
         return _NormHooks
-    if isinstance(module, _DropoutNd):
-        return _DropoutHooks
-    if isinstance(module, nn.MultiheadAttention):
-        return _AttentionHooks
-    return _CustomDropoutHooks
+    return _DropoutHooks if isinstance(module, _DropoutNd) else _OtherDropoutHooks
 
 
 def _version(tensor: torch.Tensor) -> int:

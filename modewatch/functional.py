@@ -1,12 +1,12 @@
 """Functional dropout: ``F.dropout`` and its variants, and ``scaled_dot_product_attention``'s
-``dropout_p`` (``nn.MultiheadAttention`` drops through one of the two).
+``dropout_p`` (Transformers' attention uses one or the other).
 
 These drop activations without an ``nn.Dropout`` module, so no layer hook sees them. While a
 watcher is active, ``patches`` replaces them in ``torch.nn.functional`` by the wrappers made here;
 the watcher attributes each call to the module whose forward made it (``enclosing_module``). A
 plain Python wrapper, not wrapt: ``torch.compile`` traces through it (see ``_compiling``).
 
-What a call *did* is reduced to the three values the collector records (see ``row_values``).
+What a call *did* is reduced to the mode and p the collector records (see ``row_values``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from types import CodeType
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,6 +49,7 @@ def originals_namespace() -> types.ModuleType:
     namespace.__dict__.update(vars(torch.nn.functional))
     return namespace
 
+
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
@@ -68,7 +68,8 @@ def _flag(value: Any) -> bool:
 def make_wrapper(original: Callable, name: str, p_index: int, p_keyword: str, p_default: float,
                  training_index: Optional[int], training_default: bool, on_call: Callable) -> Callable:
     """A stand-in for ``torch.nn.functional.<name>`` that tells ``on_call(kind, p, training, frame)``
-    about each call made by user code, then calls the original, whatever happened."""
+    about each call (not those nn.MultiheadAttention makes: its hook records them), then calls the
+    original, whatever happened."""
     kind = f"F.{name}"
 
     @functools.wraps(original)
@@ -96,7 +97,7 @@ _SELF_NAMES = ("self", "module")  # Hugging Face's attention functions take the 
 _receivers: dict = {}
 
 
-def _receiver(code: CodeType) -> Optional[str]:
+def _receiver(code: types.CodeType) -> Optional[str]:
     """The name of the argument of ``code`` that may hold a module (``self``), or None."""
     try:
         return _receivers[code]
