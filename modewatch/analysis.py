@@ -226,6 +226,9 @@ def _why(mode: Optional[ModeSet], rule: str) -> str:
         return "No .train()/.eval() call set this mode: .training was assigned directly"
     if mode.initial:
         return f"The mode was that of {_cause_text(mode, rule)}: {LOADED_IN_EVAL}"
+    if mode.kept is not None:  # a library's call that changed nothing: also the call it kept
+        return (f"The mode was last set by {_cause_text(mode, rule)}, which kept the mode set before by "
+                f"{_cause_text(mode.kept, rule)}")
     return f"The mode was last set by {_cause_text(mode, rule)}"
 
 

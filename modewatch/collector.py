@@ -418,6 +418,7 @@ class Watcher:
         self.versions: list = []  # per norm layer: its statistics counter's version after its last call
         self.layer_modes: list = []  # per layer: (mode id, mode) of the last train()/eval() reaching it
         self._module_modes: dict = {}  # id(module) -> (mode id, mode): the same, for every module
+        self._kept: dict = {}  # mode id of a library's call that changed nothing -> the call it kept
         self._functional: dict = {}  # (id(module), function) -> layer id of a functional dropout
         self._lock = threading.RLock()
         self._layer_of: dict = {}  # id(module) -> layer id, for watched layers and their copies
@@ -691,15 +692,25 @@ class Watcher:
                 scope = "submodule"
             else:
                 scope = "outside"
-            key = (site, call, mode, path, scope, via)
+            # A library's call that finds every layer in that mode already, set by a recorded
+            # call (Lightning's eval() for validation of a model its user left in eval mode), is
+            # still the last call (the contract's mode_site), and keeps a reference to that one.
+            kept = None
+            if via and layers and all(_already(self.layer_modes[layer], m, mode) for m, layer in layers):
+                previous = {self.layer_modes[layer][0] for _, layer in layers}
+                if len(previous) == 1:
+                    setter = previous.pop()
+                    kept = self._kept.get(setter, setter)  # one that only kept a mode: the call it kept
+            key = (site, call, mode, path, scope, via, kept)
             mode_id = self._intern("mode", key, lambda ident: self._define(
-                "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope, via=via))
-            for m, layer in layers:
-                if not (via and _already(self.layer_modes[layer], m, mode)):
-                    self.layer_modes[layer] = (mode_id, mode)
+                "mode", id=ident, site=site, call=call, mode=mode, target=path, scope=scope, via=via,
+                kept=kept))
+            if kept is not None:
+                self._kept[mode_id] = kept
+            for _, layer in layers:
+                self.layer_modes[layer] = (mode_id, mode)
             for m in known:
-                if not (via and _already(self._module_modes.get(id(m), (None, None)), m, mode)):
-                    self._module_modes[id(m)] = (mode_id, mode)
+                self._module_modes[id(m)] = (mode_id, mode)
         except Exception as exc:
             self.fail(exc)
 
@@ -1006,9 +1017,7 @@ class _Live:
 
 
 def _already(recorded: tuple, module: nn.Module, mode: bool) -> bool:
-    """Whether a module is in ``mode`` already, set by a recorded call. A library that sets the
-    mode its user had set (Lightning's eval() for validation of a model the user left in eval
-    mode) does not take over the blame: the user's own call stays the one that set it."""
+    """Whether a module is in ``mode`` already, set by the recorded call ``recorded[0]``."""
     return recorded[0] is not None and recorded[1] == mode and module.training == mode
 
 

@@ -99,10 +99,12 @@ class LogWriter:
         self._log.msg("site", id=id, file=file, line=line, function=function)
 
     def mode(self, id: int, site: Optional[int], call: str, mode: bool, target: Optional[str], scope: str,
-             initial: bool = False, via: Optional[str] = None) -> None:
-        extra: dict = {"initial": True} if initial else {}  # both absent in the common case
+             initial: bool = False, via: Optional[str] = None, kept: Optional[int] = None) -> None:
+        extra: dict = {"initial": True} if initial else {}  # all three absent in the common case
         if via is not None:
             extra["via"] = via
+        if kept is not None:
+            extra["kept"] = kept
         self._log.msg("mode", id=id, site=site, call=call, mode=mode, target=target, scope=scope, **extra)
 
     def context(self, id: int, allow: list, recalibration: bool) -> None:
@@ -179,6 +181,7 @@ class ModeSet(NamedTuple):
     # not a call that was seen; site is then where watching began.
     initial: bool = False
     via: Optional[str] = None  # the library function the user's line called, which made the call
+    kept: Optional["ModeSet"] = None  # the earlier call whose mode this library call only kept
 
 
 class Context(NamedTuple):
@@ -401,6 +404,7 @@ class LogReader:
                 site=None if site is None else self._ref(self._sites, site), call=call,
                 mode=_bool(event.get("mode")), target=_opt_text(event.get("target")), scope=scope,
                 initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")),
+                kept=None if event.get("kept") is None else self._ref(self._modes, event.get("kept")),
             ))
         elif kind == "context":
             allow = event.get("allow")

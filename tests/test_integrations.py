@@ -166,8 +166,9 @@ def test_lightning_fit_has_no_error_findings(tmp_path):
 
 def test_lightning_module_left_in_eval_at_fit_is_found(tmp_path):
     """A module in eval mode when fit() starts trains in eval mode (Lightning restores the mode it
-    found after each validation): both layers are found and named, and the mode site is the
-    user's eval() call, not Lightning's own eval() for validation, which changed nothing."""
+    found after each validation): both layers are found and named. The mode site is the last
+    eval() call, Lightning's for validation (at the user's fit() line), and the message also
+    names the user's own eval() that it only kept."""
     document, code, script = run_script(tmp_path, LIGHTNING, "eval")
     assert code == 1
     found = {f["rule"]: f for f in document["findings"]}
@@ -176,5 +177,8 @@ def test_lightning_module_left_in_eval_at_fit_is_found(tmp_path):
     assert found["bn-frozen-in-train"]["layers"] == ["net.1"]
     assert found["bn-frozen-in-train"]["count"] == 8
     assert found["bn-frozen-in-train"]["forward_site"]["line"] == line_of("lightning forward", script)
-    assert found["bn-frozen-in-train"]["mode_site"]["line"] == line_of("user eval", script)
-    assert "inside" not in found["bn-frozen-in-train"]["message"]
+    finding = found["bn-frozen-in-train"]
+    assert finding["mode_site"]["line"] == line_of("fit", script)
+    assert f"model.eval() inside fit() at {script}:{line_of('fit', script)}" in finding["message"]
+    assert f"which kept the mode set before by model.eval() at {script}:{line_of('user eval', script)}" \
+        in finding["message"]
