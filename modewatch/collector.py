@@ -51,11 +51,6 @@ _is_grad_enabled = torch._C.is_grad_enabled
 _is_inference = torch.is_inference_mode_enabled
 
 
-def layer_category(module: nn.Module) -> Optional[str]:
-    """"dropout" or "norm" for a mode-sensitive layer (of torch, or found automatically), else None."""
-    return category_of(module)
-
-
 def _unwrapped_chain(root: nn.Module) -> list:
     """The root and the models it wraps one inside the other (DDP's .module, compile's _orig_mod)."""
     chain = [root]

@@ -65,7 +65,7 @@ def is_custom(module: nn.Module) -> bool:
     if known is None:
         code = getattr(getattr(cls, "forward", None), "__code__", None)
         known = _reads_training[cls] = (
-            not cls.__module__.startswith("torch.") and code is not None and "training" in code.co_names)
+            not is_torch_layer(module) and code is not None and "training" in code.co_names)
     return known and not module._modules
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import modewatch
-from modewatch.collector import layer_category
+from modewatch.layers import category as layer_category
 
 
 def hook_bound() -> tuple:
