@@ -210,9 +210,7 @@ LOADED_IN_EVAL = ("from_pretrained() and many checkpoint loaders return a model 
 
 
 def _headline(mode: Optional[ModeSet], rule: str) -> str:
-    if mode is None:
-        return _cause_text(mode, rule)
-    if mode.initial:
+    if mode is None or mode.initial:  # no call to name as having left the model in a mode
         return _cause_text(mode, rule)
     what = _target_text(mode, "the layers")
     what = "the model" if what == "model" else what
