@@ -7,16 +7,18 @@ Imports no torch.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from . import logfile, ranks as distributed
-from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, ModeSet, Site
+from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, Facts, ModeSet, Site
 from .rules import RULES, check_rules, severity_rank
 
 SMALL_BATCH = 8
 MAX_CAUSES = 10_000  # distinct findings kept; a hostile log cannot make more
 MAX_LAYERS_PER_FINDING = 1_000
+MOVED_FORWARDS = 2  # forwards in which a frozen layer's parameters moved: a momentum encoder
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Finding:
     summary: str = ""  # the first sentence of the message: what happened, without the why
     ranks: Optional[list] = None  # a finding the same on every rank: those ranks (rank is then null)
     log: Optional[str] = None  # the log it was found in (null when merged across ranks)
+    model: Optional[dict] = None  # {"name": class, "site": where it was watched or made}
 
     def as_dict(self) -> dict:
         return {
@@ -46,7 +49,7 @@ class Finding:
             "layers": list(self.layers), "count": self.count, "first_step": self.first_step,
             "last_step": self.last_step, "rank": self.rank, "forward_site": self.forward_site,
             "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches, "ranks": self.ranks,
-            "log": self.log,
+            "log": self.log, "model": self.model,
         }
 
 
@@ -95,6 +98,8 @@ def rules_for(calls: Calls, small_batch: int = SMALL_BATCH) -> list:
             found.append(("bn-frozen-in-train", "info" if _deliberate_freeze(calls.mode) else "error"))
         if norm and calls.training and calls.batch is not None and calls.batch < small_batch:
             found.append(("bn-small-batch", "warning"))
+        if norm and calls.training and calls.stats_changed and (calls.frozen or calls.layer.params):
+            found.append(("stat-update-in-frozen", "warning"))  # settled by the whole log (see _settle)
         return found
     # An evaluation forward. A recalibration pass (update_bn, or BatchNorm in cumulative-average
     # mode) updates the statistics on purpose and runs Dropout in train mode as a side effect.
@@ -116,12 +121,19 @@ class _Cause:
     """Accumulates the calls of one finding while the logs stream by."""
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
-                 "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call")
+                 "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call", "model", "detail",
+                 "seen", "rules", "recognised")
 
     def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
-                 call: Optional[tuple] = None):
+                 call: Optional[tuple] = None, model: Optional[int] = None, detail: Any = None,
+                 seen: Optional["_Seen"] = None):
         self.rule, self.severity, self.mode, self.rank, self.log = rule, severity, mode, rank, log
         self.call = call  # (function, its call line) of a functional dropout that ignores the mode
+        self.model = model  # the model id its layers belong to, in its log
+        self.detail = detail  # what a verdict waiting for the whole log depends on (see _settle)
+        self.seen = seen  # what its log showed as a whole
+        self.rules = {rule}  # the rules it was made of, when settled findings are merged
+        self.recognised: Any = None  # what _settle recognised (an EMA target and its online model)
         self.count = 0
         self.first_step = self.last_step = None
         self.first_forward: Optional[tuple] = None
@@ -149,6 +161,23 @@ class _Cause:
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
 
+    def absorb(self, other: "_Cause") -> None:
+        """Take in the calls of another cause that settled into the same finding."""
+        self.count += other.count
+        self.first_step = min(self.first_step, other.first_step)
+        self.last_step = max(self.last_step, other.last_step)
+        if other.first_forward < self.first_forward:
+            self.first_forward, self.forward_site = other.first_forward, other.forward_site
+        for name, forwards in other.layers.items():
+            if name in self.layers or len(self.layers) < MAX_LAYERS_PER_FINDING:
+                self.layers[name] = self.layers.get(name, 0) + forwards
+        for name, kind in other.kinds.items():
+            if len(self.kinds) < 6:
+                self.kinds.setdefault(name, kind)
+        if other.smallest_batch is not None and (self.smallest_batch is None or other.smallest_batch < self.smallest_batch):
+            self.smallest_batch = other.smallest_batch
+        self.rules |= other.rules
+
     def finding(self, small_batch: int) -> Finding:
         batches = max(self.layers.values(), default=0)
         return Finding(
@@ -159,6 +188,7 @@ class _Cause:
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
             fix=IGNORES_MODE_FIX if self.call else RULES[self.rule][1], batches=batches,
             cause=_call_text(self.call) if self.call else _headline(self.mode, self.rule), log=self.log,
+            model=self.seen.model_dict(self.model) if self.seen is not None else None,
         )
 
 
@@ -190,7 +220,8 @@ def mode_call_text(mode: ModeSet) -> str:
     return f"{_target_text(mode, 'layer')}.{call}{inside}"
 
 
-TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration")
+TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration",
+                    "stat-update-in-frozen", "ema-target", "stat-update-in-sampling")
 
 
 def _cause_text(mode: Optional[ModeSet], rule: str) -> str:
@@ -255,7 +286,23 @@ def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     if cause.call:
         return (f"{text} {_call_text(cause.call)}: the module was in eval mode, set by "
                 f"{_cause_text(cause.mode, cause.rule)}, and the call dropped all the same.")
+    if cause.rule == "ema-target":
+        return f"{text} {_recognised_text(cause)}"
     return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
+
+
+def _recognised_text(cause: _Cause) -> str:
+    """What made an ema-target finding: a change seen (info), or only a likeness (warning)."""
+    how, online = cause.recognised
+    other = cause.seen.model_name(online)
+    if how == "updated":
+        return (f"Recognised as deliberate: its parameters changed between steps with no optimizer stepping them, "
+                f"while {other} trained.")
+    likeness = "a deep copy of it" if how == "copy" else "the same class, size and norm layers"
+    return (f"It looks like an EMA / momentum target of {other} ({likeness}, and no optimizer steps it), but no "
+            f"change of its parameters was seen (an update through .data leaves no trace that can be read without "
+            f"reading values). If it is a fixed teacher or a model run for its predictions, it should be in eval "
+            f"mode.")
 
 
 def plural(count: int, noun: str) -> str:
@@ -289,37 +336,157 @@ SUMMARIES = {
     "bn-small-batch": "{training} computed BatchNorm statistics from fewer than {small_batch} samples "
                       "(smallest: {smallest}) ({layers}).",
     "bn-recalibration": "BatchNorm running statistics were recomputed on purpose over {forwards} ({layers}).",
+    "stat-update-in-frozen": "{training} updated the running statistics of BatchNorm layers whose parameters are "
+                             "frozen ({frozen}), so the frozen part still changes ({layers}).",
+    "ema-target": "{evaluation} of {model} ran {what} in train mode ({layers}).",
+    "stat-update-in-sampling": "{evaluation} with grad enabled that no backward used (sampling?) updated BatchNorm "
+                               "running statistics in train mode ({layers}); these layers never ran in eval mode in "
+                               "this run, so nothing here used those statistics, but a checkpoint of the model "
+                               "carries them.",
 }
+
+FROZEN_WORDS = {"requires_grad": "requires_grad=False", "optimizer": "left out of every optimizer"}
 
 
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
     flavour = "ignores-mode" if cause.call else cause.severity
     template = SUMMARIES.get(f"{cause.rule}/{flavour}") or SUMMARIES[cause.rule]
+    what = " and ".join(name for rule, name in (("stat-update-in-eval", "BatchNorm"), ("dropout-in-eval", "Dropout"))
+                        if rule in cause.rules)
     return template.format(
         training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
         forwards=plural(batches, "forward"), layers=layers_text(cause.layers, cause.kinds), small_batch=small_batch,
-        smallest=cause.smallest_batch,
+        smallest=cause.smallest_batch, what=what or "its layers",
+        frozen=FROZEN_WORDS.get(cause.detail[1], "") if isinstance(cause.detail, tuple) else "",
+        model=cause.seen.model_name(cause.model) if cause.seen is not None else "a model",
     )
 
 
+def _detail(calls: Calls, rule: str) -> Any:
+    """What a verdict waiting for the whole log depends on, per layer (see _settle); None for the
+    rules decided row by row, or per model."""
+    if rule == "stat-update-in-frozen":
+        return (calls.layer.name, "requires_grad" if calls.frozen else "optimizer")
+    if rule == "stat-update-in-eval" and calls.forward_kind == GRAPH_UNUSED:
+        return (calls.layer.name, "sampling")
+    return None
+
+
 def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,
-                log_index: int, causes: dict, summary: dict) -> list:
+                log_index: int, causes: dict, summary: dict, seen: "_Seen") -> list:
     """The causes (made as needed) that calls in this state count towards. Logs of one
-    distributed job meet by rank; other logs (separate runs) are kept apart."""
+    distributed job meet by rank; other logs (separate runs) are kept apart; findings of
+    different models never meet."""
     fed = []
     for rule, severity in rules_for(calls, small_batch):
         if rule in ignored or rule in calls.context.allow:
             continue
         call = _ignored_mode_call(calls, rule)
-        key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None, call)
+        detail = _detail(calls, rule)
+        model = calls.layer.model
+        key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None, call, model, detail)
         cause = causes.get(key)
         if cause is None:
             if len(causes) >= MAX_CAUSES:
                 summary["dropped_causes"] += 1
                 continue
-            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call)
+            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call, model, detail, seen)
         fed.append(cause)
     return fed
+
+
+class _Seen:
+    """What one log showed as a whole, for the verdicts that wait for all of it (_settle): the
+    log's own facts (models, optimizers, in-place updates), and what its rows showed."""
+
+    def __init__(self, facts: Facts):
+        self.facts = facts
+        self.trained: set = set()  # model ids with training forwards
+        self.eval_mode: set = set()  # (model id, layer name) that ran in eval mode
+        self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
+
+    def note_state(self, calls: Calls) -> None:
+        """Once per distinct state of calls."""
+        if calls.forward_kind == PARAM_GRAD:
+            self.trained.add(calls.layer.model)
+        if not calls.training and len(self.eval_mode) < logfile.MAX_TABLE:
+            self.eval_mode.add((calls.layer.model, calls.layer.name))
+
+    def model_name(self, model: Optional[int]) -> str:
+        info = self.facts.models.get(model)
+        return info.name if info is not None else "a model" if model is None else f"model {model}"
+
+    def model_dict(self, model: Optional[int]) -> Optional[dict]:
+        info = self.facts.models.get(model)
+        return None if info is None else {"name": info.name, "site": _site_dict(info.site)}
+
+    def ema_target(self, model: Optional[int]) -> Optional[tuple]:
+        """(how, online model) when ``model`` is an EMA / momentum target: no optimizer steps it and
+        it never trains, while another model trains, and either its parameters changed in place
+        ("updated") or it is a deep copy of ("copy"), or is like ("likeness": same class, parameter
+        count and norm layers) a model that trains. None otherwise: a model run in train mode for
+        its predictions (a fixed teacher, an inference script)."""
+        facts = self.facts
+        if model is None or model in facts.optimized_models or model in self.trained:
+            return None
+        others = sorted(self.trained - {model})
+        if not others:
+            return None  # nothing else trains: inference in train mode
+        if model in facts.updated_models:
+            return ("updated", others[0])
+        info = facts.models.get(model)
+        if info is not None and info.copy_of in others:
+            return ("copy", info.copy_of)
+        mine = self._likeness(model)
+        if mine is not None:
+            for other in others:
+                if self._likeness(other) == mine:
+                    return ("likeness", other)
+        return None
+
+    def _likeness(self, model: int) -> Optional[tuple]:
+        """What an EMA copy shares with its online model: class, parameter count, norm layers."""
+        info = self.facts.models.get(model)
+        layers = _plain_layers(self.facts.layers.get(model))
+        if info is None or info.parameters is None or not layers:
+            return None
+        return info.name, info.parameters, layers
+
+    def undecided(self, model: Optional[int]) -> bool:
+        """Whether more of the log may still make ``model`` an EMA target."""
+        return model is not None and model not in self.facts.optimized_models and model not in self.trained
+
+
+def _plain_layers(layers: Optional[set]) -> frozenset:
+    return frozenset((distributed.plain_name(name), kind) for name, kind in layers or ())
+
+
+SETTLED_LATER = ("stat-update-in-frozen", "stat-update-in-eval", "dropout-in-eval")
+
+
+def _settle(cause: _Cause, final: bool) -> Any:
+    """The final (rule, severity, recognised) of a cause whose verdict waits for the whole log;
+    None to drop it; ``...`` while undecided (only when not ``final``: a live analysis)."""
+    rule, seen = cause.rule, cause.seen
+    if rule not in SETTLED_LATER or seen is None:
+        return cause.rule, cause.severity, None
+    facts = seen.facts
+    if rule == "stat-update-in-frozen":
+        name, how = cause.detail
+        layer = (cause.model, name)
+        if seen.moved[layer] >= MOVED_FORWARDS:
+            return None  # a momentum encoder (MoCo's key encoder): its parameters are updated in place
+        if how == "optimizer" and (cause.model not in facts.optimized_models or layer in facts.optimized_layers):
+            return None if final else ...  # frozen only if an optimizer steps its model, but not it
+        return rule, "warning", None
+    target = seen.ema_target(cause.model)
+    if target is not None:
+        return "ema-target", "info" if target[0] == "updated" else "warning", target
+    if not final and seen.undecided(cause.model):
+        return ...
+    if cause.detail is not None and (cause.model, cause.detail[0]) not in seen.eval_mode:
+        return ("stat-update-in-sampling", "warning", None) if final else ...
+    return rule, cause.severity, None
 
 
 class Job:
@@ -334,13 +501,14 @@ class Job:
         self.small_batch = small_batch
         self.causes: dict = {}
         self.summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
-                        "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0}
+                        "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0, "logs_without_models": []}
         self.timelines = distributed.Timelines()
         self.ranks: set = set()
         self.logs: list = []
 
-    def start_log(self, path: str, header: Any) -> Callable[[Calls], None]:
-        """Begin a log; returns the function that takes its records, one at a time."""
+    def start_log(self, path: str, header: Any, facts: Optional[Facts] = None) -> Callable[[Calls], None]:
+        """Begin a log; returns the function that takes its records, one at a time. ``facts``
+        (the reader's, filled in as it reads) settle the verdicts that wait for the whole log."""
         self.logs.append(path)
         rank = logfile.job_rank(header)
         if rank is not None:
@@ -348,22 +516,28 @@ class Job:
         index, small_batch, ignored, causes, summary = len(self.logs) - 1, self.small_batch, self.ignored, \
             self.causes, self.summary
         timelines = self.timelines
+        seen = _Seen(facts if facts is not None else Facts())
+        moved = seen.moved
         fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
         self._path = path
         self._last_step = last_step = [0]  # the latest step of the log, for the summary
+        state_length = logfile.STATE_LENGTH
 
         def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
             summary["layer_calls"] += calls.calls
             if calls.last_step > last_step[0]:
                 last_step[0] = calls.last_step
-            state = calls[:11]  # the state of the calls, without their counts and steps
+            state = calls[:state_length]  # the state of the calls, without their counts and steps
             fed = fed_by_state.get(state)
             if fed is None:
-                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, summary)
+                seen.note_state(calls)
+                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, summary, seen)
                 if len(fed_by_state) < MAX_CAUSES:
                     fed_by_state[state] = fed
             for cause in fed:
                 cause.add(calls, index)
+            if calls.moved:
+                moved[calls.layer.model, calls.layer.name] += calls.forwards
             if rank is not None:
                 timelines.add(calls, rank, index)
 
@@ -378,11 +552,44 @@ class Job:
             summary["truncated_logs"].append(self._path)
         if not reader.ended:
             summary["unclosed_logs"].append(self._path)
+        if reader.models == 0:
+            summary["logs_without_models"].append(self._path)
 
-    def findings(self) -> list:
-        """The findings so far, most severe first."""
+    def settled(self, final: bool = True) -> list:
+        """The causes with their verdicts settled on the whole of each log, merged where several
+        settle into one finding (the BatchNorm and Dropout layers of one EMA target, the layers of
+        one frozen backbone)."""
+        groups: dict = {}
+        for key, cause in self.causes.items():
+            verdict = _settle(cause, final)
+            if verdict is None or verdict is ...:
+                continue
+            rule, severity, recognised = verdict
+            _, _, mode, rank, log, call, model, detail = key
+            how = detail[1] if rule == "stat-update-in-frozen" else None
+            groups.setdefault((rule, severity, mode, rank, log, call, model, recognised, how), []).append(cause)
+        settled = []
+        for (rule, severity, *_, recognised, how), members in groups.items():
+            first = members[0]
+            if len(members) == 1 and (first.rule, first.severity, first.recognised) == (rule, severity, recognised):
+                settled.append(first)
+                continue
+            merged = _Cause(rule, severity, first.mode, first.rank, first.log, first.call, first.model,
+                            (None, how), first.seen)
+            merged.recognised = recognised
+            merged.rules = set()
+            merged.count, merged.first_step, merged.last_step = 0, first.first_step, first.last_step
+            merged.first_forward, merged.forward_site = first.first_forward, first.forward_site
+            for member in members:
+                merged.absorb(member)
+            settled.append(merged)
+        return settled
+
+    def findings(self, final: bool = True) -> list:
+        """The findings so far, most severe first. Not ``final`` (a live analysis, the log still
+        growing): verdicts that more of the log could still change are left out."""
         rule_order = list(RULES)
-        ordered = sorted(self.causes.values(),
+        ordered = sorted(self.settled(final),
                          key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
         findings = [cause.finding(self.small_batch) for cause in ordered]
         findings = distributed.merge_across_ranks(findings, self.ranks)
@@ -417,7 +624,7 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
     for path in logfile.expand_paths(list(paths)):
         reader = logfile.LogReader(path)
         records = iter(reader)
-        add = job.start_log(path, next(records))
+        add = job.start_log(path, next(records), reader.facts)
         if progress is None:
             for calls in records:
                 add(calls)

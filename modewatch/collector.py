@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import copy
 import os
 import sys
 import threading
@@ -34,18 +35,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import functional, logfile, patches, sites
+from . import functional, logfile, logpath, patches, sites
 from .layers import category as category_of, check_named, is_torch_layer, probability_attribute
 from .allow import allowed_rules
 from .errors import LogPathError, ModeFindingError, ModewatchWarning
 
-DEFAULT_LOG = "modewatch-{pid}.jsonl"
-DEFAULT_RANK_LOG = "modewatch-rank{rank}-{pid}.jsonl"  # in a distributed job
 FLUSH_SECONDS = 1.0  # a killed job loses at most about this much of its log
 MAX_PENDING = 1024  # forwards whose graph is still alive; past it the oldest are resolved
-STALE_STEPS = 4  # a forward not backpropagated after this many optimizer steps is evaluation
+STALE_STEPS = 4  # a forward not backpropagated after this many steps of its model's optimizers is evaluation
 MAX_OUTPUT_TENSORS = 32  # outputs that get a probe, per forward
 MAX_ROWS_PER_LINE = 2048  # rows buffered before they are written, whatever the clock says
+PARAMETER_SAMPLE = 8  # parameters of a model whose versions tell that it changed without an optimizer
+UPDATES_SEEN = 2  # forwards that saw such a change before the model counts as updated in place
 
 _is_grad_enabled = torch._C.is_grad_enabled
 _is_inference = torch.is_inference_mode_enabled
@@ -63,46 +64,16 @@ def _unwrapped_chain(root: nn.Module) -> list:
         chain.append(inner)
 
 
-def _substitute(template: str) -> str:
-    rank = _rank()
-    return template.replace("{rank}", "0" if rank is None else str(rank)).replace("{pid}", str(os.getpid()))
-
-
-def _rank() -> Optional[int]:
-    try:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank()
-    except Exception:  # a half-initialised process group must not stop watch()
-        pass
-    for name in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def _world_size() -> Optional[int]:
-    try:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-    except Exception:
-        pass
-    value = os.environ.get("WORLD_SIZE", "")
-    return int(value) if value.isdigit() else None
-
-
 def _header() -> dict:
     return dict(torch=torch.__version__, python=sys.version.split()[0], pid=os.getpid(), argv=list(sys.argv),
-                rank=_rank(), world_size=_world_size(), time=time.time())
+                rank=logpath.rank(), world_size=logpath.world_size(), time=time.time())
 
 
 def _open_log(template: str) -> logfile.LogWriter:
-    path = _substitute(template)
+    path = logpath.substitute(template)
     try:
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        return logfile.LogWriter(path)
+        file, path = logpath.claim(path)
+        return logfile.LogWriter(path, file)
     except OSError as exc:
         raise LogPathError(f"cannot write the modewatch log {path!r}: {exc.strerror or exc}") from None
 
@@ -110,14 +81,17 @@ def _open_log(template: str) -> logfile.LogWriter:
 class _Forward:
     """One forward of a watched model, until it is known whether it was a training forward."""
 
-    __slots__ = ("seq", "site", "context", "calls", "step", "kind", "probes", "watches", "done", "resolved",
-                 "inference")
+    __slots__ = ("seq", "site", "context", "calls", "step", "model", "model_steps", "kind", "probes", "watches",
+                 "done", "resolved", "inference")
 
-    def __init__(self, seq: int, site: Optional[int], context: int, step: int, done: collections.deque):
+    def __init__(self, seq: int, site: Optional[int], context: int, step: int, model: int, model_steps: int,
+                 done: collections.deque):
         self.seq = seq
         self.site = site
         self.context = context
         self.step = step  # optimizer steps completed before it
+        self.model = model  # the watched model called
+        self.model_steps = model_steps  # steps of that model's optimizers completed before it
         self.calls: list = []  # (layer id, flags, batch, param, mode id) per layer call, in order
         self.kind = logfile.GRAPH_UNUSED  # raised by probes to INPUT_GRAD / PARAM_GRAD
         self.probes = 0  # probes alive
@@ -166,15 +140,75 @@ class _State(threading.local):
     depth: int = 0
 
 
+class _Model:
+    """A watched model (or a deep copy of one): its id in the log, and what its forwards need."""
+
+    __slots__ = ("index", "ref", "param_ids", "steps", "stepped", "sample", "mark", "changes")
+
+    def __init__(self, index: int, module: nn.Module):
+        self.index = index
+        self.ref = weakref.ref(module)
+        self.param_ids: frozenset = frozenset()  # refreshed whenever an optimizer shows up
+        self.steps = 0  # steps of optimizers that hold its parameters
+        self.stepped = False
+        self.sample = _parameter_sample(module)  # weak references to a few of its parameters
+        self.mark: Optional[tuple] = None  # their versions at its last forward
+        self.changes = 0  # forwards that found them changed, with no optimizer stepping the model
+
+
+def _parameter_count(module: nn.Module) -> Optional[int]:
+    """How many numbers a model's parameters hold (shape metadata, no value read)."""
+    try:
+        return sum(p.numel() for p in module.parameters())
+    except Exception:  # lazy modules' parameters have no shape yet
+        return None
+
+
+def _parameter_sample(module: nn.Module) -> tuple:
+    params = list(module.parameters())
+    if len(params) > PARAMETER_SAMPLE:
+        last = len(params) - 1
+        params = [params[round(i * last / (PARAMETER_SAMPLE - 1))] for i in range(PARAMETER_SAMPLE)]
+    return tuple(weakref.ref(p) for p in params)
+
+
+class _Known:
+    """What the watcher knows of one module of a watched model. Kept by id(), and always checked
+    against a weak reference: a new module may be given the id of a freed one."""
+
+    __slots__ = ("ref", "model", "path", "layer", "mode", "functional", "top", "root")
+
+    def __init__(self, ref: weakref.ref, model: int, path: str):
+        self.ref = ref
+        self.model = model  # the index of the watched model it belongs to
+        self.path = path  # its qualified name in that model
+        self.layer: Optional[int] = None  # its layer id, for a mode-sensitive layer
+        self.mode: Optional[tuple] = None  # (mode id, mode) of the last train()/eval() reaching it
+        self.functional: Optional[dict] = None  # function name -> layer id of its functional dropouts
+        self.top = False  # a watched model, or a wrapper of one (DDP, torch.compile): scope "model"
+        self.root = False  # its forwards are watched forwards (it has the model hooks)
+
+
 class _Hooks:
     """Hooks are bound methods of these objects: CPython calls a bound method from torch's
     ``_call_impl`` on its fast path, where a callable object would take the slow one.
 
     A deep copy of the model (SWA, EMA) keeps the same hooks, so it stays watched by the same
-    watcher; pickling (``torch.save(model)``) turns them into no-ops, never pickling the watcher.
+    watcher (and ``close()`` takes them off the copy too); pickling (``torch.save(model)``) leaves
+    them out (see ``patches.without_our_hooks``).
     """
 
+    modewatch_hook = True  # what patches.is_ours looks for
+    watcher: "Watcher"
+    module_id: int
+
     def __deepcopy__(self, memo: dict) -> "_Hooks":
+        try:
+            copy = memo.get(self.module_id)  # the copy being made of our module
+            if isinstance(copy, nn.Module):
+                self.watcher.note_copy(copy, self)
+        except Exception:  # a deep copy must never fail because of modewatch
+            pass
         return self
 
     def __reduce__(self) -> Any:
@@ -182,7 +216,7 @@ class _Hooks:
 
 
 class _Inert:
-    """What a watched model's hooks become when the model is pickled."""
+    """What a hook would become if pickled by a path that bypasses ``Module.__getstate__``."""
 
     def before(self, *args: Any) -> None:
         return None
@@ -194,9 +228,11 @@ class _Inert:
 class _RootHooks(_Hooks):
     """Pre- and post-hook of a watched model (and of the models it wraps): one forward each."""
 
-    def __init__(self, watcher: "Watcher"):
+    def __init__(self, watcher: "Watcher", module: nn.Module, model: int):
         self.watcher = watcher
         self.state = watcher.state
+        self.module_id = id(module)
+        self.model = model
 
     def before(self, module: nn.Module, args: tuple) -> None:
         watcher = self.watcher
@@ -205,7 +241,8 @@ class _RootHooks(_Hooks):
         try:
             state = self.state
             if state.depth == 0:
-                state.forward = watcher.begin_forward(sys._getframe(1))
+                model = self.model if id(module) == self.module_id else watcher.copy_model(module, self.model)
+                state.forward = watcher.begin_forward(sys._getframe(1), model)
             state.depth += 1
         except Exception as exc:
             watcher.fail(exc)
@@ -281,13 +318,17 @@ class _NormHooks(_DropoutHooks):
     in train mode only (so that a reset or load_state_dict in between is not taken for an update);
     a subclass of unknown behaviour also gets ``before`` as a pre-hook, for an exact comparison.
     A custom norm layer (see modewatch.layers) is measured by the versions of all its buffers.
+
+    A layer whose parameters all have ``requires_grad=False`` is marked FROZEN (stat-update-in-
+    frozen); in the common case one attribute read (its weight requires grad) says it is not.
     """
 
     def __init__(self, watcher: "Watcher", layer: int, module: nn.Module):
         super().__init__(watcher, layer, module)
         self.counter = _counter(module)
         self.exact = not is_torch_layer(module)
-        self.versions = watcher.versions  # the watcher's list, updated in place
+        self.versions = watcher.versions  # the watcher's lists, updated in place
+        self.marks = watcher.marks
 
     def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
         training = module.training
@@ -301,12 +342,32 @@ class _NormHooks(_DropoutHooks):
             if version != self.versions[layer] and (training or self.exact):
                 flags |= logfile.STATS_CHANGED
             self.versions[layer] = version
+        parameters = module._parameters
+        weight = parameters.get("weight")
+        if weight is None or not weight.requires_grad:  # rare: frozen, affine=False or custom
+            flags |= self.frozen(layer, parameters)
         shape = args[0].shape if args and isinstance(args[0], torch.Tensor) else ()
         mode_id, mode = self.modes[layer]
         momentum = module.momentum if self.counter is not None else functional.number(
             getattr(module, "momentum", 0.0))
         return (layer, flags, shape[0] if len(shape) > 1 else None, momentum,
                 mode_id if mode == training else None)
+
+    def frozen(self, layer: int, parameters: dict) -> int:
+        """FROZEN when the layer has parameters and none requires grad; PARAMS_MOVED as well when
+        they changed since its previous call all the same (a momentum encoder's update)."""
+        mark = []
+        for parameter in parameters.values():
+            if parameter is None:
+                continue
+            if parameter.requires_grad:
+                return 0
+            mark.append((_version(parameter), _data_ptr(parameter)))
+        if not mark:
+            return 0
+        previous, self.marks[layer] = self.marks[layer], tuple(mark)
+        moved = previous is not None and previous != self.marks[layer]
+        return logfile.FROZEN | (logfile.PARAMS_MOVED if moved else 0)
 
     def before(self, module: nn.Module, args: tuple) -> None:
         watcher = self.watcher
@@ -332,6 +393,14 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
+def _data_ptr(tensor: torch.Tensor) -> int:
+    """Where a tensor's data lives (metadata, no sync): ``param.data = new`` moves it."""
+    try:
+        return tensor.data_ptr()
+    except Exception:  # tensors without storage
+        return 0
+
+
 def _counter(module: nn.Module) -> Optional[str]:
     """The buffer whose version tells that a norm layer's statistics changed (None: all of them)."""
     if isinstance(module, _InstanceNorm):
@@ -352,6 +421,10 @@ def _current_version(module: nn.Module) -> int:
         return _buffers_version(module)
     tracked = module._buffers.get(counter)
     return -1 if tracked is None else _version(tracked)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(p is not None for p in module._parameters.values())
 
 
 def _output_nodes(output: Any) -> list:
@@ -376,6 +449,37 @@ def _output_nodes(output: Any) -> list:
     return nodes
 
 
+def _strip_hooks(module: nn.Module, watcher: "Watcher") -> None:
+    """Take the hooks of ``watcher`` off a module that holds them by a deep copy."""
+    removed = set()
+    for name in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = module.__dict__.get(name) or {}
+        for key, hook in list(hooks.items()):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, _Hooks) and owner.watcher is watcher:
+                del hooks[key]
+                removed.add(key)
+    for name in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        ids = module.__dict__.get(name) or {}
+        for key in removed & set(ids):
+            del ids[key]
+
+
+def _inside_copy_module(frame: Any) -> bool:
+    """Frames of the standard library's copy module, on the way out of a deep copy."""
+    return frame.f_code.co_filename == copy.__file__
+
+
+def _is_child_process() -> bool:
+    """A multiprocessing child (a DataLoader worker, a spawned rank): not the program itself."""
+    try:
+        import multiprocessing
+
+        return multiprocessing.parent_process() is not None
+    except Exception:
+        return False
+
+
 class Watcher:
     """Records the mode of every Dropout/BatchNorm call of one model into a JSON-lines log.
 
@@ -397,12 +501,11 @@ class Watcher:
             raise TypeError(f"modewatch.watch(fold=...) must be True or False, not {fold!r}")
         self.named = check_named(layers)  # custom layers named by the user
         self.off = True  # hooks do nothing until the log is open
-        self.template = os.fspath(log) if log is not None else (
-            os.environ.get("MODEWATCH_LOG") or (DEFAULT_LOG if _rank() is None else DEFAULT_RANK_LOG))
+        self.template = logpath.template(log)
         # Under MODEWATCH=1 every process that imports torch gets a watcher: its log is created
-        # only once there is something to write (as in a forked child), not at start-up.
+        # once there is something to write, or at exit (see close), not at start-up.
         self._writer = None if discover else _open_log(self.template)
-        self.path = _substitute(self.template) if discover else self._writer.path
+        self.path = logpath.substitute(self.template) if discover else self._writer.path
         self.fold = fold  # False: every forward is a run of its own (the unfolded record, for tests)
         self.discover = discover  # MODEWATCH=1: watch models as they show up (mode calls, optimizers)
         self.on_finding = on_finding
@@ -410,20 +513,21 @@ class Watcher:
         self.flush_seconds = flush_seconds
         self.state = _State()
         self.step = 0
-        self.versions: list = []  # per norm layer: its statistics counter's version after its last call
-        self.layer_modes: list = []  # per layer: (mode id, mode) of the last train()/eval() reaching it
-        self._module_modes: dict = {}  # id(module) -> (mode id, mode): the same, for every module
+        # Per layer id, lists the hooks read and write in place:
+        self.versions: list = []  # its statistics counter's version after its last call
+        self.layer_modes: list = []  # (mode id, mode) of the last train()/eval() reaching it
+        self.marks: list = []  # a frozen norm layer's parameter versions at its last call
+        self._layer_names: list = []
+        self._layer_models: list = []
+        self._norm_layers: list = []  # (layer id, weakref) of norm layers with parameters
+        self._known: dict = {}  # id(module) -> _Known, for every module of every watched model
+        self._dead: collections.deque = collections.deque()  # (id, weakref) of freed modules to forget
+        self._models: list = []  # _Model per model index
+        self._copies: list = []  # weak references to deep copies of watched modules (their hooks)
+        self._copy_sites: dict = {}  # id(copy of a model) -> (weakref, site id of the deep copy)
         self._kept: dict = {}  # mode id of a library's call that changed nothing -> the call it kept
-        self._functional: dict = {}  # (id(module), function) -> layer id of a functional dropout
         self._lock = threading.RLock()
-        self._layer_of: dict = {}  # id(module) -> layer id, for watched layers and their copies
-        self._copies: dict = {}  # id(copy) -> weakref, to notice a freed copy's id being reused
-        self._paths: dict = {}  # id(module) -> (model index, qualified name)
-        self._model_level: set = set()  # ids of the watched models and what they wrap
-        self._roots: set = set()  # ids of the modules whose forwards are watched forwards
-        self._models = 0  # models added
-        self._param_ids: set = set()
-        self._optimizers: dict = {}  # id(optimizer) -> (weakref, holds a watched parameter)
+        self._optimizers: dict = {}  # id(optimizer) -> (weakref, param groups seen, model indices)
         self._ids: dict = {}  # interned (kind, key) -> id, for sites, modes, contexts
         self._counts: collections.Counter = collections.Counter()  # ids given, per kind
         self._definitions: list = []  # (event, fields) not yet written
@@ -433,67 +537,121 @@ class Watcher:
         self._runs: dict = {}  # (kind, site, context) -> the open _Run of identical forwards
         self._rows: list = []  # closed runs, not yet written
         self._seq = 0
-        self._layer_names: list = []
         self._called = False  # a layer was called since the last counted step
         self._handles: list = []
         self._failed = False
         self._closed = False
+        self._child = False  # a forked child of the process that made this watcher
         self._last_flush = time.monotonic()
         self._since_clock = 0  # forwards since the clock was last read
         if self._writer is not None:
             self._writer.header(**_header())
         try:
             if model is not None:
-                self.add_model(model)
+                self.add_model(model, sys._getframe(1))
             self._write()  # the header reaches the disk now: a full disk is found before training
         except BaseException as exc:
             for handle in self._handles:
                 handle.remove()
-            try:
-                if self._writer is not None:
-                    self._writer.close()
-            except OSError:
-                pass
+            self._discard_log()
             if isinstance(exc, OSError):
                 raise LogPathError(f"cannot write the modewatch log {self.path!r}: {exc.strerror or exc}") from None
             raise
         patches.attach(self)
         atexit.register(self.close)
+        _close_in_multiprocessing_children(self)
         self.off = False
+
+    def _discard_log(self) -> None:
+        """The log could not be started (a full disk): leave no empty file behind."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OSError:
+            pass
+        try:
+            if os.path.isfile(writer.path):
+                os.unlink(writer.path)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ knowing modules
+
+    def _lookup(self, module: Any) -> Optional[_Known]:
+        known = self._known.get(id(module))
+        return known if known is not None and known.ref() is module else None
+
+    def _remember(self, module: nn.Module, model: int, path: str) -> _Known:
+        known = self._lookup(module)
+        if known is not None:
+            known.model, known.path = model, path  # adopted by a model that holds it
+            return known
+        ident, dead = id(module), self._dead
+        known = self._known[ident] = _Known(weakref.ref(module, lambda ref: dead.append((ident, ref))), model, path)
+        return known
+
+    def _forget_freed(self) -> None:
+        """Forget the modules freed since last time (their ids may be given to new modules)."""
+        dead = self._dead
+        while dead:
+            ident, ref = dead.popleft()
+            known = self._known.get(ident)
+            if known is not None and known.ref is ref:
+                del self._known[ident]
 
     # ------------------------------------------------------------------ attaching
 
-    def add_model(self, model: nn.Module) -> None:
-        """Watch one more model. A model that holds models already watched adopts them: their
-        layers are renamed as this model's ``named_modules()`` names them."""
+    def add_model(self, model: nn.Module, frame: Any = None, copy_of: Optional[int] = None,
+                  site: Optional[int] = None) -> int:
+        """Watch one more model; returns its index. A model that holds models already watched
+        adopts them: their layers are renamed as this model's ``named_modules()`` names them.
+        ``frame`` (or ``site``) is where it was watched or made; ``copy_of``, the model it is a
+        deep copy of."""
         with self._lock:
-            if id(model) in self._roots or (id(model) in self._paths and id(model) not in self._model_level):
-                return  # watched already, or a part of a watched model
-            index = self._models
-            self._models += 1
+            self._forget_freed()
+            known = self._lookup(model)
+            if known is not None:
+                return known.model  # watched already, or a part of a watched model
+            index = len(self._models)
+            chain = _unwrapped_chain(model)
+            if site is None and frame is not None:
+                site = self._site(sites.user_frame(frame)[0])
+            self._define("model", id=index, name=type(chain[-1]).__name__, site=site, copy_of=copy_of,
+                         parameters=_parameter_count(model))
+            self._models.append(_Model(index, model))
             for name, module in model.named_modules():
-                self._paths[id(module)] = (index, name)
-                self._model_level.discard(id(module))  # a model adopted is a part now
+                known = self._remember(module, index, name)
+                known.top = False  # a model adopted is a part now
+                if copy_of is not None:  # a deep copy: its layers carry the original's hooks
+                    self._find_layer(module, index)
+                    continue
                 category = category_of(module, self.named)
                 if category is None:
                     continue
-                layer = self._layer_of.get(id(module))
-                if layer is None:
-                    self._add_layer(module, name, category, index, copy_of=None)
-                elif self._layer_names[layer] != name:
-                    self._layer_names[layer] = name
-                    self._define("layer", id=layer, name=name, kind=type(module).__name__,
-                                 category=category, model=index, copy_of=None)
-            self._model_level.update(id(m) for m in _unwrapped_chain(model))
-            if not model.training:
+                if known.layer is None:
+                    known.layer = self._add_layer(module, name, category, index, copy_of=None)
+                elif (self._layer_names[known.layer], self._layer_models[known.layer]) != (name, index):
+                    self._rename_layer(known.layer, module, name, index, category)
+            for module in chain:  # all in named_modules() above
+                known = self._lookup(module)
+                known.top = known.root = True
+            if copy_of is None and not model.training:
                 self._initial_eval_mode(model)
-            self._param_ids.update(id(p) for p in model.parameters())
             self._optimizers.clear()  # an optimizer's verdict may change with the new parameters
-            for root in _unwrapped_chain(model):
-                self._roots.add(id(root))
-                hooks = _RootHooks(self)
-                self._handles.append(root.register_forward_pre_hook(hooks.before))
-                self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
+            if copy_of is None:  # a deep copy carries the original's model hooks already
+                for root in chain:
+                    hooks = _RootHooks(self, root, index)
+                    self._handles.append(root.register_forward_pre_hook(hooks.before))
+                    self._handles.append(root.register_forward_hook(hooks.after, always_call=True))
+            return index
+
+    def _rename_layer(self, layer: int, module: nn.Module, name: str, model: int, category: str) -> None:
+        self._layer_names[layer] = name
+        self._layer_models[layer] = model
+        self._define("layer", id=layer, name=name, kind=type(module).__name__, category=category, model=model,
+                     copy_of=None, params=category == "norm" and _has_parameters(module))
 
     def _initial_eval_mode(self, model: nn.Module) -> None:
         """A model already in eval mode when watching begins (``from_pretrained()`` and many
@@ -508,19 +666,26 @@ class Watcher:
         for module in model.modules():
             if module.training:
                 continue
-            layer = self._layer_of.get(id(module))
-            if layer is not None and self.layer_modes[layer][0] is None:
-                self.layer_modes[layer] = (mode_id, False)
-            self._module_modes.setdefault(id(module), (mode_id, False))
+            known = self._lookup(module)
+            if known is None:
+                continue
+            if known.layer is not None and self.layer_modes[known.layer][0] is None:
+                self.layer_modes[known.layer] = (mode_id, False)
+            if known.mode is None:
+                known.mode = (mode_id, False)
 
     def _add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
         layer = len(self._layer_names)
         self._layer_names.append(name)
+        self._layer_models.append(model)
         self.versions.append(-1 if category == "dropout" else _current_version(module))
+        self.marks.append(None)
         self.layer_modes.append(self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
-        self._layer_of[id(module)] = layer
+        params = category == "norm" and _has_parameters(module)
+        if params:
+            self._norm_layers.append((layer, weakref.ref(module)))
         self._define("layer", id=layer, name=name, kind=type(module).__name__,
-                     category=category, model=model, copy_of=copy_of)
+                     category=category, model=model, copy_of=copy_of, params=params)
         if copy_of is None:
             hooks = _hooks_class(module, category)(self, layer, module)
             if getattr(hooks, "exact", False):
@@ -528,29 +693,58 @@ class Watcher:
             self._handles.append(module.register_forward_hook(hooks.after))
         return layer
 
-    def copy_layer(self, module: nn.Module, original: int) -> int:
+    def note_copy(self, copy: nn.Module, hooks: _Hooks) -> None:
+        """A deep copy of a watched module is being made, and our hooks come along: it stays
+        watched. Remembered so that ``close()`` takes the hooks off it again and, for a whole model,
+        so that the copy is a model of its own in the log, made at the line of the deep copy."""
+        with self._lock:
+            if len(self._copies) > 64 and len(self._copies) & (len(self._copies) - 1) == 0:
+                self._copies = [ref for ref in self._copies if ref() is not None]  # now and then
+            self._copies.append(weakref.ref(copy))
+            if isinstance(hooks, _RootHooks):
+                user, _ = sites.user_frame(sys._getframe(2), _inside_copy_module)
+                self._copy_sites[id(copy)] = (weakref.ref(copy), self._site(user))
+
+    def copy_model(self, module: nn.Module, original: int) -> int:
+        """The model index of a deep copy of a watched model (an EMA or SWA copy), added at its
+        first forward: a model of its own, whose layers are copies of the original's."""
+        known = self._lookup(module)
+        if known is not None and known.root:
+            return known.model
+        with self._lock:
+            noted = self._copy_sites.pop(id(module), None)
+            site = noted[1] if noted is not None and noted[0]() is module else None
+            return self.add_model(module, copy_of=original, site=site)
+
+    def copy_layer(self, module: nn.Module, original: int, model: Optional[int] = None) -> int:
         """The layer id of a deep copy of a watched layer (its hooks came along with the copy)."""
-        layer = self._layer_of.get(id(module))
-        ref = self._copies.get(id(module))
-        if layer is not None and ref is not None and ref() is module:
-            return layer
+        known = self._lookup(module)
+        if known is not None and known.layer is not None:
+            return known.layer
         if getattr(module, "_is_replica", False):  # DataParallel's per-call replicas: the original
             return original
         with self._lock:
-            layer = self._add_layer(module, self._layer_names[original], category_of(module, self.named) or "norm",
-                                    model=self._paths.get(id(module), (0, None))[0], copy_of=original)
-            self._copies[id(module)] = weakref.ref(module)
+            known = self._lookup(module)
+            if known is not None and known.layer is not None:
+                return known.layer
+            if model is None:
+                model = known.model if known is not None else self._layer_models[original]
+            name = self._layer_names[original]
+            layer = self._add_layer(module, name, category_of(module, self.named) or "norm", model, copy_of=original)
+            if known is None:
+                known = self._remember(module, model, name)
+            known.layer = layer
             return layer
 
-    def _find_layer(self, module: nn.Module) -> Optional[int]:
+    def _find_layer(self, module: nn.Module, model: Optional[int] = None) -> Optional[int]:
         """The layer id of ``module``: watched, a known copy, or a copy not yet called."""
-        layer = self._layer_of.get(id(module))
-        if layer is not None:
-            return layer
+        known = self._lookup(module)
+        if known is not None and known.layer is not None:
+            return known.layer
         for hook in module._forward_hooks.values():
             hooks = getattr(hook, "__self__", None)
             if isinstance(hooks, _DropoutHooks) and hooks.watcher is self:
-                return self.copy_layer(module, hooks.layer)
+                return self.copy_layer(module, hooks.layer, model)
         return None
 
     # ------------------------------------------------------------------ interning
@@ -588,13 +782,29 @@ class Watcher:
 
     # ------------------------------------------------------------------ events from the hooks
 
-    def begin_forward(self, frame: Any) -> _Forward:
+    def begin_forward(self, frame: Any, model: int) -> _Forward:
         if self._done:  # forwards whose graph died since: resolve them first, to keep the order
             self._drain()
         user, recalibrating = sites.user_frame(frame)
         self._seq += 1
+        record = self._models[model]
+        if not record.stepped:
+            self._check_parameters(record)
         return _Forward(self._seq, self._site(user), self._context(allowed_rules(), recalibrating), self.step,
-                        self._done)
+                        model, record.steps, self._done)
+
+    def _check_parameters(self, record: _Model) -> None:
+        """An EMA / momentum target (BYOL, MoCo, DINO, mean teacher): a model that no optimizer
+        steps, whose parameters change between its forwards all the same. The version counters
+        and data pointers of a few of its parameters tell, reading no value. (An update through
+        ``.data`` moves neither; the analysis recognises such a copy by its likeness instead.)"""
+        parameters = [p for ref in record.sample if (p := ref()) is not None]
+        mark = tuple((_version(p), _data_ptr(p)) for p in parameters)
+        if record.mark is not None and mark != record.mark:
+            record.changes += 1
+            if record.changes == UPDATES_SEEN:
+                self._define("updated", model=record.index, step=self.step)
+        record.mark = mark
 
     def end_forward(self, forward: _Forward, output: Any) -> None:
         if forward.calls:
@@ -632,15 +842,16 @@ class Watcher:
         if forward is not None:
             forward.calls.append(call)
             return
-        forward = self.begin_forward(sys._getframe(2))
+        forward = self.begin_forward(sys._getframe(2), self._layer_models[layer])
         forward.calls.append(call)
         self.end_forward(forward, output)
 
-    def _discover(self, module: nn.Module) -> None:
+    def _discover(self, module: nn.Module, frame: Any) -> None:
         """MODEWATCH=1: a module met for the first time, at a mode call or as the owner of an
-        optimizer's parameters, is watched if it holds a mode-sensitive layer."""
-        if id(module) not in self._paths and any(category_of(m, self.named) for m in module.modules()):
-            self.add_model(module)
+        optimizer's parameters, is watched, as ``watch()`` would watch it: also a model whose
+        only dropout is functional (``F.dropout``, ``scaled_dot_product_attention``)."""
+        if self._lookup(module) is None:
+            self.add_model(module, frame)
 
     def on_optimizer_created(self, optimizer: Any, frame: Any) -> None:
         """MODEWATCH=1: watch the model an optimizer is made for, found among the locals (and
@@ -660,7 +871,7 @@ class Watcher:
                     candidates.extend(v for v in list(vars(value).values()) if isinstance(v, nn.Module))
             owners = [m for m in candidates if any(p is first for p in m.parameters())]
             if owners:
-                self._discover(max(owners, key=lambda m: sum(1 for _ in m.modules())))
+                self._discover(max(owners, key=lambda m: sum(1 for _ in m.modules())), user)
         except Exception as exc:
             self.fail(exc)
 
@@ -668,22 +879,24 @@ class Watcher:
         if self.off:
             return
         try:
+            caller = sys._getframe(2)
             if self.discover and not nested:
-                self._discover(module)
+                self._discover(module, caller)
             modules = list(module.modules())
             layers = [(m, layer) for m in modules if (layer := self._find_layer(m)) is not None]
-            known = [m for m in modules if id(m) in self._paths]  # whose functional calls count
+            known = [k for m in modules if (k := self._lookup(m)) is not None]  # whose functional calls count
             if not layers and not known:
                 return
             skip = None if nested else _inside_mode_method
-            user, _, via = sites.user_frame_via(sys._getframe(2), skip)
+            user, _, via = sites.user_frame_via(caller, skip)
             site = self._site(user)
-            model, path = self._paths.get(id(module), (None, None))
-            if id(module) in self._layer_of:
+            target = self._lookup(module)
+            path = None if target is None else target.path
+            if target is not None and target.layer is not None:
                 scope = "layer"
-            elif id(module) in self._model_level:
+            elif target is not None and target.top:
                 scope = "model"
-            elif path is not None:
+            elif target is not None:
                 scope = "submodule"
             else:
                 scope = "outside"
@@ -704,8 +917,8 @@ class Watcher:
                 self._kept[mode_id] = kept
             for _, layer in layers:
                 self.layer_modes[layer] = (mode_id, mode)
-            for m in known:
-                self._module_modes[id(m)] = (mode_id, mode)
+            for k in known:
+                k.mode = (mode_id, mode)
         except Exception as exc:
             self.fail(exc)
 
@@ -717,48 +930,62 @@ class Watcher:
         if forward is None or self.off or patches.backward_running():
             return
         try:
-            module = functional.enclosing_module(frame, self._paths)
-            if module is None or id(module) in self._layer_of:  # a watched layer records itself
+            module, known = functional.enclosing_module(frame, self._lookup)
+            if module is None or known.layer is not None:  # a watched layer records itself
                 return
-            layer = self._functional.get((id(module), kind))
+            layer = None if known.functional is None else known.functional.get(kind)
             if layer is None:
-                layer = self._add_functional(module, kind, frame)
+                layer = self._add_functional(module, known, kind, frame)
             module_training = module.training
             training, param = functional.row_values(p, training, module_training)
-            mode_id, mode = self._module_modes.get(id(module), (None, None))
+            mode_id, mode = known.mode or (None, None)
             forward.calls.append((layer, training | (_is_grad_enabled() << 1), None, param,
                                   mode_id if mode == module_training else None))
         except Exception as exc:
             self.fail(exc)
 
-    def _add_functional(self, module: nn.Module, kind: str, frame: Any) -> int:
+    def _add_functional(self, module: nn.Module, known: _Known, kind: str, frame: Any) -> int:
         """A layer for the functional dropouts of one kind made by ``module``, named after it (the
         watched model itself by its class), with the line of its first call."""
         with self._lock:
-            model, path = self._paths[id(module)]
             layer = len(self._layer_names)
-            name = f"{path or type(module).__name__}:{kind}"
+            name = f"{known.path or type(module).__name__}:{kind}"
             site = self._site(frame)
             self._layer_names.append(name)
+            self._layer_models.append(known.model)
             self.versions.append(-1)
+            self.marks.append(None)
             self.layer_modes.append((None, module.training))  # unused: the module's mode is read
-            self._functional[(id(module), kind)] = layer
-            self._define("layer", id=layer, name=name, kind=kind, category="dropout", model=model, copy_of=None,
-                         site=site)
+            if known.functional is None:
+                known.functional = {}
+            known.functional[kind] = layer
+            self._define("layer", id=layer, name=name, kind=kind, category="dropout", model=known.model,
+                         copy_of=None, site=site)
             return layer
 
     def on_optimizer_step(self, optimizer: Any) -> None:
         if self.off:
             return
         try:
-            if not self._called or not self._steps_our_model(optimizer):
+            models = self._optimized_models(optimizer)
+            if not models:
+                return
+            for index in models:
+                record = self._models[index]
+                record.steps += 1
+                record.stepped = True
+            if not self._called:
                 return
             self._called = False
             self.step += 1
             self._drain()
             if self._pending:
                 with self._lock:
-                    stale = [f for f in self._pending.values() if self.step - f.step >= STALE_STEPS]
+                    # Stale: not backpropagated after several steps of its own model's optimizers.
+                    # Other models' steps do not count: a WGAN critic steps five times while the
+                    # generator's output waits for its backward.
+                    stale = [f for f in self._pending.values()
+                             if self._models[f.model].steps - f.model_steps >= STALE_STEPS]
                     for forward in stale:
                         self._resolve(forward)
             if time.monotonic() - self._last_flush > self.flush_seconds:
@@ -766,13 +993,34 @@ class Watcher:
         except Exception as exc:
             self.fail(exc)
 
-    def _steps_our_model(self, optimizer: Any) -> bool:
-        """Whether ``optimizer`` holds a parameter of the watched model (cached per optimizer)."""
-        known = self._optimizers.get(id(optimizer))
-        if known is None or known[0]() is not optimizer:
-            known = self._optimizers[id(optimizer)] = (weakref.ref(optimizer), any(
-                id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"]))
-        return known[1]
+    def _optimized_models(self, optimizer: Any) -> tuple:
+        """The indices of the watched models whose parameters ``optimizer`` holds (cached per
+        optimizer and its param groups). The first time, an ``optimized`` event says which models
+        and which norm layers it steps (stat-update-in-frozen's "in no optimizer")."""
+        groups = optimizer.param_groups
+        seen = (len(groups), id(groups[-1]["params"]) if groups else None)
+        cached = self._optimizers.get(id(optimizer))
+        if cached is not None and cached[1] == seen and cached[0]() is optimizer:
+            return cached[2]
+        with self._lock:
+            held = {id(p) for group in groups for p in group["params"]}
+            models = []
+            for record in self._models:
+                module = record.ref()
+                if module is None:
+                    continue
+                # Read again: a head replaced after watch() (transfer learning) has new parameters.
+                record.param_ids = frozenset(id(p) for p in module.parameters())
+                if not record.param_ids.isdisjoint(held):
+                    models.append(record.index)
+            layers = [layer for layer, ref in self._norm_layers if (module := ref()) is not None
+                      and any(id(p) in held for p in module._parameters.values() if p is not None)]
+            if models:
+                self._define("optimized", step=self.step, models=models, layers=layers)
+            if len(self._optimizers) > 64:
+                self._optimizers = {k: v for k, v in self._optimizers.items() if v[0]() is not None}
+            self._optimizers[id(optimizer)] = (weakref.ref(optimizer), seen, tuple(models))
+            return tuple(models)
 
     # ------------------------------------------------------------------ resolving and folding
 
@@ -812,10 +1060,10 @@ class Watcher:
 
     # ------------------------------------------------------------------ writing
 
-    def _write(self, open_runs: bool = False) -> None:
+    def _write(self, open_runs: bool = False, always: bool = False) -> None:
         with self._lock:
-            if self._writer is None:  # a forked child: its own log, opened once there is something
-                if not self._rows and not (open_runs and self._runs):
+            if self._writer is None:  # MODEWATCH=1 or a forked child: opened once there is something
+                if not (self._rows or (open_runs and self._runs) or always):
                     return
                 self._writer = _open_log(self.template)
                 self.path = self._writer.path
@@ -837,9 +1085,14 @@ class Watcher:
             self._last_flush = time.monotonic()
 
     def _detach(self) -> None:
-        """Remove every hook of this watcher and, with the last watcher, every patch."""
+        """Remove every hook of this watcher (from deep copies too) and, with the last watcher,
+        every patch."""
         for handle in self._handles:
             handle.remove()
+        for ref in self._copies:
+            module = ref()
+            if module is not None:
+                _strip_hooks(module, self)
         patches.detach(self)
 
     def before_fork(self) -> None:
@@ -853,10 +1106,11 @@ class Watcher:
     def after_fork_in_child(self) -> None:
         """In a forked child (a DataLoader worker, multiprocessing): never the parent's log.
 
-        With ``{pid}`` in the log's path the child gets a log of its own, created only if the
-        child records something; without it, the child is not watched.
+        The child writes a log of its own once it records something: at the path of ``{pid}``
+        in the template, or beside the parent's (``logpath.claim``), said on stderr.
         """
         self._lock = threading.RLock()  # another thread may have held it at the fork
+        self._child = True
         self._pending.clear()
         self._done.clear()
         self._runs.clear()
@@ -864,11 +1118,6 @@ class Watcher:
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
-        if "{pid}" not in self.template:
-            self.off = True
-            self._closed = True
-            self._detach()
-            atexit.unregister(self.close)
 
     def flush(self) -> None:
         """Write everything recorded so far, including runs still open (crash safety)."""
@@ -881,7 +1130,11 @@ class Watcher:
             self.fail(exc)
 
     def close(self) -> None:
-        """Stop watching: resolve what is pending, write it, remove every hook. Idempotent."""
+        """Stop watching: resolve what is pending, write it, remove every hook. Idempotent.
+
+        With ``on_finding="raise"``, a finding completed here is raised after the log is written
+        whole. Under MODEWATCH=1 the program's own process always leaves a log, also when it
+        watched nothing, so that ``modewatch analyze`` has something to read."""
         if self._closed:
             return
         self.off = True
@@ -893,11 +1146,17 @@ class Watcher:
                 for forward in list(self._pending.values()):
                     try:
                         self._resolve(forward)
-                    except ModeFindingError as exc:  # on_finding="raise": after the log is complete
+                    except ModeFindingError as exc:
                         found = found or exc
-                self._write(open_runs=True)
+                if self._live is not None:
+                    try:
+                        self._live.check([], final=True)
+                    except ModeFindingError as exc:
+                        found = found or exc
+                top_level = self.discover and not self._child and not _is_child_process()
+                self._write(open_runs=True, always=top_level)
                 if self._writer is not None:
-                    self._writer.footer(steps=self.step, forwards=self._seq)
+                    self._writer.footer(steps=self.step, forwards=self._seq, models=len(self._models))
                     if self.discover:  # MODEWATCH=1: nobody chose the path, so say where it is
                         sys.stderr.write(f"modewatch: wrote {self.path} (see: modewatch analyze {self.path})\n")
         except Exception as exc:
@@ -954,6 +1213,23 @@ class Watcher:
         return f"<modewatch.Watcher {state} {len(self._layer_names)} layers -> {self.path}>"
 
 
+def _close_in_multiprocessing_children(watcher: Watcher) -> None:
+    """A multiprocessing child (fork) ends with ``os._exit``, which skips ``atexit``: have the
+    child close the watcher through multiprocessing's own exit finalizers instead."""
+    try:
+        from multiprocessing import util
+
+        util.register_after_fork(watcher, _finalize_in_child)
+    except Exception:
+        pass
+
+
+def _finalize_in_child(watcher: Watcher) -> None:
+    from multiprocessing import util
+
+    util.Finalize(watcher, watcher.close, exitpriority=10)
+
+
 class _Run:
     """Consecutive forwards of one kind, site and context that made exactly the same calls."""
 
@@ -991,16 +1267,19 @@ class _Live:
         self.on_finding = on_finding
         self.reader = logfile.LogReader(path)
         self.job = Job()
-        self.add = self.job.start_log(path, logfile.Header(logfile.SCHEMA, "", None, None, None, (), None, None))
+        self.add = self.job.start_log(path, logfile.Header(logfile.SCHEMA, "", None, None, None, (), None, None),
+                                      self.reader.facts)
         self.told: set = set()
 
     def feed(self, event: dict) -> None:
         for calls in self.reader.feed(event):
             self.add(calls)
 
-    def check(self, rows: list) -> None:
+    def check(self, rows: list, final: bool = False) -> None:
+        """Feed ``rows``; tell each new error finding. Until ``final`` (the watcher closing), a
+        verdict that more of the run could change (an EMA target not yet recognised) waits."""
         self.feed({"event": "calls", "rows": rows})
-        for finding in self.job.findings():
+        for finding in self.job.findings(final):
             key = (finding.rule, finding.severity, finding.cause)
             if finding.severity != "error" or key in self.told:
                 continue

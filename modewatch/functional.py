@@ -109,18 +109,21 @@ def _receiver(code: types.CodeType) -> Optional[str]:
     return found
 
 
-def enclosing_module(frame: Any, known: dict) -> Optional[nn.Module]:
-    """The innermost module on the stack, from ``frame`` outwards, whose id is in ``known``."""
+def enclosing_module(frame: Any, lookup: Callable[[nn.Module], Any]) -> tuple:
+    """The innermost module on the stack, from ``frame`` outwards, that ``lookup`` knows, with what
+    ``lookup`` says of it; (None, None) where there is none."""
     for _ in range(MAX_FRAMES):
         if frame is None:
-            return None
+            break
         name = _receiver(frame.f_code)
         if name is not None:
             candidate = frame.f_locals.get(name)
-            if isinstance(candidate, nn.Module) and id(candidate) in known:
-                return candidate
+            if isinstance(candidate, nn.Module):
+                known = lookup(candidate)
+                if known is not None:
+                    return candidate, known
         frame = frame.f_back
-    return None
+    return None, None
 
 
 def row_values(p: Optional[float], training: bool, module_training: bool) -> tuple:

@@ -38,6 +38,9 @@ TRAINING = 1  # module.training during the call
 GRAD_ENABLED = 2  # torch.is_grad_enabled()
 INFERENCE = 4  # torch.is_inference_mode_enabled()
 STATS_CHANGED = 8  # running statistics changed during the call (measured)
+FROZEN = 16  # a norm layer whose parameters all have requires_grad=False
+PARAMS_MOVED = 32  # ... and they changed since its previous call all the same (a momentum update)
+ALL_FLAGS = 63
 
 CATEGORIES = ("dropout", "norm")
 SCOPES = ("model", "submodule", "layer", "outside")
@@ -74,10 +77,10 @@ def _event_first(_logger: Any, _name: str, event_dict: dict) -> dict:
 class LogWriter:
     """Writes one log. Each method is one event; nothing is written per layer call."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, file: Optional[IO[str]] = None):
         self.path = path
         # Line-buffered would flush per event; a plain buffer and explicit flush() are cheaper.
-        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._file = open(path, "w", encoding="utf-8") if file is None else file  # noqa: SIM115 - closed by close()
         self._log = structlog.wrap_logger(
             _LineWriter(self._file),
             processors=[_event_first, structlog.processors.JSONRenderer(separators=(",", ":"))],
@@ -89,11 +92,23 @@ class LogWriter:
     def header(self, **fields: Any) -> None:
         self._log.msg(HEADER_EVENT, schema=SCHEMA, modewatch=__version__, **fields)
 
+    def model(self, id: int, name: str, site: Optional[int], copy_of: Optional[int] = None,
+              parameters: Optional[int] = None) -> None:
+        self._log.msg("model", id=id, name=name, site=site, copy_of=copy_of, parameters=parameters)
+
     def layer(self, id: int, name: str, kind: str, category: str, model: int, copy_of: Optional[int],
-              site: Optional[int] = None) -> None:
-        extra = {} if site is None else {"site": site}  # a functional dropout's call line
+              site: Optional[int] = None, params: bool = False) -> None:
+        extra: dict = {} if site is None else {"site": site}  # a functional dropout's call line
+        if params:  # a norm layer with parameters of its own (which an optimizer may hold)
+            extra["params"] = True
         self._log.msg("layer", id=id, name=name, kind=kind, category=category, model=model, copy_of=copy_of,
                       **extra)
+
+    def optimized(self, step: int, models: list, layers: list) -> None:
+        self._log.msg("optimized", step=step, models=models, layers=layers)
+
+    def updated(self, model: int, step: int) -> None:
+        self._log.msg("updated", model=model, step=step)
 
     def site(self, id: int, file: str, line: int, function: str) -> None:
         self._log.msg("site", id=id, file=file, line=line, function=function)
@@ -167,6 +182,29 @@ class Layer(NamedTuple):
     model: int
     copy: bool  # a deep copy of a watched layer, found when it was first called
     site: Optional[Site] = None  # a functional dropout: the line that calls the function
+    params: bool = False  # a norm layer with parameters of its own
+
+
+class Model(NamedTuple):
+    """A watched model: its class, and the line that watched it (or made it, for a deep copy)."""
+
+    name: str
+    site: Optional[Site]
+    copy_of: Optional[int]  # the id of the model it is a deep copy of
+    parameters: Optional[int] = None  # how many numbers its parameters hold, for likeness
+
+
+class Facts:
+    """What a log says of its models as a whole, beside its rows: which models and norm layers
+    an optimizer steps, and which models changed in place with none stepping them (EMA
+    targets). Filled in as the log is read; the analysis settles some findings on it."""
+
+    def __init__(self) -> None:
+        self.models: dict = {}  # model id -> Model
+        self.optimized_models: set = set()  # model ids an optimizer holds parameters of
+        self.optimized_layers: set = set()  # (model id, layer name) of norm layers an optimizer holds
+        self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
+        self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
 
 
 class ModeSet(NamedTuple):
@@ -206,11 +244,16 @@ class Calls(NamedTuple):
     mode: Optional[ModeSet]
     site: Optional[Site]
     context: Context
+    frozen: bool  # a norm layer whose parameters all had requires_grad=False
+    moved: bool  # ... and changed since its previous call all the same (a momentum update)
     first_step: int
     last_step: int
     first_forward: int
     forwards: int
     calls: int
+
+
+STATE_LENGTH = 13  # the fields of Calls before its counts: what a run of calls was
 
 
 def job_rank(header: Header) -> Optional[int]:
@@ -274,12 +317,14 @@ class LogReader:
         self.truncated = False
         self.ended = False  # the writer closed the log properly
         self.steps: Optional[int] = None  # optimizer steps, from the closing event
+        self.models: Optional[int] = None  # models watched, from the closing event
         self.bytes_read = 0  # for progress reports on long analyses
         self.header: Optional[Header] = None
         self._layers: dict = {}
         self._sites: dict = {}
         self._modes: dict = {}
         self._contexts: dict = {0: NO_CONTEXT}
+        self.facts = Facts()
         self._states: dict = {}  # a row's first eight fields -> their checked, resolved values
 
     # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
@@ -385,11 +430,37 @@ class LogReader:
             if category not in CATEGORIES:
                 raise _Bad
             site = event.get("site")
-            self._define(self._layers, _int(event.get("id")), Layer(
+            layer = Layer(
                 name=_text(event.get("name")), kind=_text(event.get("kind")), category=category,
                 model=_int(event.get("model")), copy=event.get("copy_of") is not None,
                 site=None if site is None else self._ref(self._sites, site),
-            ))
+                params=_bool(event.get("params", False)),
+            )
+            self._define(self._layers, _int(event.get("id")), layer)
+            if category == "norm" and len(self.facts.layers) < MAX_TABLE:
+                names = self.facts.layers.setdefault(layer.model, set())
+                if len(names) < MAX_TABLE:
+                    names.add((layer.name, layer.kind))
+        elif kind == "model":
+            site, copy_of = event.get("site"), event.get("copy_of")
+            model = Model(name=_text(event.get("name")), site=None if site is None else self._ref(self._sites, site),
+                          copy_of=_opt_int(copy_of), parameters=_opt_int(event.get("parameters")))
+            self._define(self.facts.models, _int(event.get("id")), model)
+        elif kind == "optimized":
+            models, layers = event.get("models"), event.get("layers")
+            if not isinstance(models, list) or not isinstance(layers, list):
+                raise _Bad
+            facts = self.facts
+            for model in models[:MAX_TABLE]:
+                if len(facts.optimized_models) < MAX_TABLE:
+                    facts.optimized_models.add(_int(model))
+            for ident in layers[:MAX_TABLE]:
+                layer = self._ref(self._layers, ident)
+                if len(facts.optimized_layers) < MAX_TABLE:
+                    facts.optimized_layers.add((layer.model, layer.name))
+        elif kind == "updated":
+            if len(self.facts.updated_models) < MAX_TABLE:
+                self.facts.updated_models.add(_int(event.get("model")))
         elif kind == "site":
             self._define(self._sites, _int(event.get("id")), Site(
                 file=_text(event.get("file")), line=_int(event.get("line")),
@@ -416,8 +487,9 @@ class LogReader:
             ))
         elif kind == "end":
             self.ended = True
-            steps = event.get("steps")
+            steps, models = event.get("steps"), event.get("models")
             self.steps = steps if type(steps) is int and steps >= 0 else None
+            self.models = models if type(models) is int and models >= 0 else None
         elif kind == HEADER_EVENT:
             raise _Bad  # a second header: two logs written into one file
         # Other events are from a newer minor writer of the same schema: ignored on purpose.
@@ -449,14 +521,14 @@ class LogReader:
 
     def _resolve_state(self, row: list) -> tuple:
         layer, kind, flags, batch, param, mode, site, context = row[:8]
-        if kind not in FORWARD_KINDS or type(flags) is not int or not 0 <= flags <= 15:
+        if kind not in FORWARD_KINDS or type(flags) is not int or not 0 <= flags <= ALL_FLAGS:
             raise _Bad
         state = (
             self._ref(self._layers, layer), kind, bool(flags & TRAINING), bool(flags & GRAD_ENABLED),
             bool(flags & INFERENCE), bool(flags & STATS_CHANGED), _opt_int(batch), _opt_float(param),
             None if mode is None else self._ref(self._modes, mode),
             None if site is None else self._ref(self._sites, site),
-            self._ref(self._contexts, context),
+            self._ref(self._contexts, context), bool(flags & FROZEN), bool(flags & PARAMS_MOVED),
         )
         if len(self._states) < MAX_TABLE:
             self._states[tuple(row[:8])] = state

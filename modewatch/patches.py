@@ -7,12 +7,15 @@
 - ``Optimizer.__init__`` is wrapped so that MODEWATCH=1 can find the models being trained.
 - Functional dropout (``F.dropout`` and variants, ``F.scaled_dot_product_attention``) is replaced
   by the wrappers of ``functional``, which tell the watchers of each call.
+- ``nn.Module.__getstate__`` leaves modewatch's hooks out of what is pickled (``torch.save(model)``),
+  while ``copy.deepcopy`` keeps them.
 
 When the last watcher closes everything is restored: off means off.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sys
@@ -31,13 +34,17 @@ _watchers: list = []  # active Watcher objects, in creation order
 _originals: dict = {}  # (owner, name) -> (original attribute, what was put in its place), while patched
 _step_hook = None
 
-# The kind of backward in progress. A plain list, not thread-local: on a GPU the autograd engine
-# runs the probes on its own threads, while the call that started the backward is on the user's.
-_backward_kinds: list = []
+# The kinds of backward in progress, per thread that started one (its stack). On a CPU the
+# autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
+# own, which then look at every thread's backward.
+_backward_kinds: dict = {}  # thread ident -> [kind, ...]
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def backward_running() -> bool:
-    """Whether a backward started through torch.autograd.backward/grad is in progress."""
+    """Whether this code runs inside a backward (activation checkpointing recomputing a forward)."""
+    if _graph_task_id is not None:
+        return _graph_task_id() != -1  # exact, and per thread
     return bool(_backward_kinds)
 
 
@@ -46,8 +53,13 @@ _GRAD_CODES = (torch.autograd.grad.__code__, torch.autograd.backward.__code__)
 
 def backward_kind() -> int:
     """What the backward now running differentiates with respect to (parameters if unknown)."""
-    if _backward_kinds:
-        return _backward_kinds[-1]
+    mine = _backward_kinds.get(threading.get_ident())
+    if mine:
+        return mine[-1]
+    if _backward_kinds:  # an engine thread: the backward of some other thread
+        kinds = {stack[-1] for stack in list(_backward_kinds.values()) if stack}
+        if kinds:
+            return kinds.pop() if len(kinds) == 1 else PARAM_GRAD
     # Not through our wrappers (``from torch.autograd import grad`` binds the original): on a CPU
     # the engine runs the probe on the calling thread, so the original's frame is on the stack.
     frame = sys._getframe(1)
@@ -71,11 +83,15 @@ def _kind_of(inputs: Any) -> int:
 
 
 def _with_kind(kind: int, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
-    _backward_kinds.append(kind)
+    ident = threading.get_ident()
+    stack = _backward_kinds.setdefault(ident, [])
+    stack.append(kind)
     try:
         return wrapped(*args, **kwargs)
     finally:
-        _backward_kinds.pop()
+        stack.pop()
+        if not stack:
+            _backward_kinds.pop(ident, None)
 
 
 def _backward(wrapped, instance, args, kwargs):
@@ -132,6 +148,49 @@ def _optimizer_init(wrapped, instance, args, kwargs):
 def _on_step(optimizer, args, kwargs):
     for watcher in tuple(_watchers):
         watcher.on_optimizer_step(optimizer)
+
+
+_COPY_CODES = (copy.deepcopy.__code__, copy.copy.__code__)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_ID_DICTS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def is_ours(hook: Any) -> bool:
+    """Whether a module's hook is one of modewatch's (a bound method of a collector hooks object)."""
+    return getattr(getattr(hook, "__self__", None), "modewatch_hook", False) is True
+
+
+def without_our_hooks(state: dict) -> dict:
+    """A module's pickled state with modewatch's hooks left out, so that a checkpoint written
+    while watched (``torch.save(model)``) is exactly what it would be unwatched: loadable with
+    ``weights_only=True`` and where modewatch is not installed. The module keeps its hooks."""
+    removed = set()
+    for name in _HOOK_DICTS:
+        hooks = state.get(name)
+        if hooks and any(is_ours(h) for h in hooks.values()):
+            removed.update(k for k, h in hooks.items() if is_ours(h))
+            state[name] = type(hooks)((k, h) for k, h in hooks.items() if not is_ours(h))
+    if removed:
+        for name in _HOOK_ID_DICTS:
+            ids = state.get(name)
+            if ids and removed.intersection(ids):
+                state[name] = type(ids)((k, v) for k, v in ids.items() if k not in removed)
+    return state
+
+
+def _make_getstate(original: Callable) -> Callable:
+    def __getstate__(self: Any) -> Any:
+        state = original(self)
+        try:
+            # copy.deepcopy (SWA, EMA) keeps the hooks: the copy stays watched. Everything else
+            # that asks for the state is pickling.
+            if sys._getframe(1).f_code not in _COPY_CODES and isinstance(state, dict):
+                state = without_our_hooks(dict(state))
+        except Exception:  # never stop a checkpoint from being written
+            pass
+        return state
+
+    return __getstate__
 
 
 _PATCHES = (
@@ -239,6 +298,7 @@ def attach(watcher: Any) -> None:
             for owner, name, wrapper in _PATCHES:
                 _replace(owner, name, wrapt.FunctionWrapper(owner.__dict__[name], wrapper))
             _install_functional()
+            _replace(torch.nn.Module, "__getstate__", _make_getstate(torch.nn.Module.__dict__["__getstate__"]))
             wrapt.register_post_import_hook(_keep_out_of_compiled_graphs, "torch._dynamo")
             _step_hook = register_optimizer_step_post_hook(_on_step)
         _watchers.append(watcher)

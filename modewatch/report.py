@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 from ._version import __version__
 from .analysis import Analysis, Finding, plural
@@ -30,22 +30,42 @@ def _steps(finding: Finding) -> str:
     return f"steps {finding.first_step}-{finding.last_step}"
 
 
-def _headline(finding: Finding, logs: int) -> str:
+def _model_label(model: Optional[dict]) -> str:
+    """``Generator (train.py:12)``: a model's class and the line that watched (or made) it."""
+    if not model:
+        return "a model"
+    site = model.get("site")
+    return f"{model['name']} ({os.path.basename(site['file'])}:{site['line']})" if site else model["name"]
+
+
+def _headline(finding: Finding, logs: int, models: int = 1) -> str:
+    cause = finding.cause
+    if models > 1:  # several models in the run: say whose layers these are
+        cause = f"{_model_label(finding.model)}: {cause}"
     if finding.rank is not None:
-        return f"rank {finding.rank}: {finding.cause}"
+        return f"rank {finding.rank}: {cause}"
     if finding.ranks is not None:
-        return f"ranks {', '.join(map(str, finding.ranks))}: {finding.cause}"
+        return f"ranks {', '.join(map(str, finding.ranks))}: {cause}"
     if logs > 1 and finding.log:  # separate runs analyzed together: say which
-        return f"{os.path.basename(finding.log)}: {finding.cause}"
-    return finding.cause
+        return f"{os.path.basename(finding.log)}: {cause}"
+    return cause
+
+
+def _models(analysis: Analysis) -> int:
+    """The most distinct models the findings of any one log belong to."""
+    per_log: dict = {}
+    for f in analysis.findings:
+        per_log.setdefault(f.log, set()).add(json.dumps(f.model, sort_keys=True))
+    return max(map(len, per_log.values()), default=0)
 
 
 def _by_cause(analysis: Analysis) -> dict:
     """The findings grouped under the headline of their cause, in order."""
     logs = analysis.summary.get("logs", 0)
+    models = _models(analysis)
     groups: dict = {}
     for finding in analysis.findings:
-        groups.setdefault(_headline(finding, logs), []).append(finding)
+        groups.setdefault(_headline(finding, logs, models), []).append(finding)
     return groups
 
 
@@ -67,7 +87,10 @@ def text_report(analysis: Analysis) -> str:
         if path not in summary.get("truncated_logs", []):
             lines.append(f"note: {path} was not closed (the job was killed or is still running); "
                          f"calls of its last second may be missing")
-    if not summary.get("layer_calls"):
+    if summary.get("logs_without_models") and len(summary["logs_without_models"]) == logs:
+        lines.append("note: no model was watched: the program made no optimizer and called no .train()/.eval() "
+                     "(under MODEWATCH=1, that is how models are found)")
+    elif not summary.get("layer_calls"):
         lines.append("note: no Dropout/BatchNorm call was recorded: no watched model ran one (under MODEWATCH=1, "
                      "models are found at their first .train()/.eval() call or when an optimizer is made for them)")
     if not analysis.findings:

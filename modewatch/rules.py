@@ -54,6 +54,22 @@ RULES = {
         "error",
         "make every rank set the same mode: call model.train() on every rank after rank-0-only evaluation.",
     ),
+    "stat-update-in-frozen": (
+        "warning",
+        "put the frozen part in eval mode after each model.train() (for example model.backbone.eval()), or use a "
+        "frozen norm (torchvision.ops.FrozenBatchNorm2d); for deliberate adaptation (AdaBN), wrap it in "
+        "modewatch.allow(\"stat-update-in-frozen\").",
+    ),
+    "ema-target": (
+        "info",
+        "nothing to fix for an EMA / momentum target; a fixed teacher, or a model run for its predictions, "
+        "belongs in eval mode (teacher.eval()).",
+    ),
+    "stat-update-in-sampling": (
+        "warning",
+        "to sample with the statistics learnt, call model.eval() before sampling and model.train() after; "
+        "sampling in train mode on purpose (as many GANs do) needs no change.",
+    ),
 }
 
 

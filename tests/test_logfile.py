@@ -42,7 +42,7 @@ def test_a_hand_written_log_gives_the_contract_finding(tmp_path):
         "first_step": 1, "last_step": 149, "rank": None,
         "forward_site": {"file": "train.py", "line": 20, "function": "train"},
         "mode_site": {"file": "train.py", "line": 29, "function": "test", "call": "eval"},
-        "fix": "", "batches": 100, "ranks": None, "log": log,
+        "fix": "", "batches": 100, "ranks": None, "log": log, "model": None,
     }
 
 

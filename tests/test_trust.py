@@ -1,0 +1,606 @@
+"""Trust on real code: no error on correct research patterns, no model missed, no program broken.
+
+Each test is a small copy of a pattern from public training code (pytorch/examples, BYOL, MoCo,
+DINO, mean teacher, WGAN, DCGAN, transfer learning, hyper-parameter searches), run as a user
+runs it: watched with ``watch()``, or every model found as under ``MODEWATCH=1``.
+"""
+
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import modewatch
+from modewatch.cli import main
+from modewatch.collector import Watcher
+from conftest import Net, batches, findings_by_rule, line_of, train_step
+
+
+def watch_everything(log):
+    """Every model of the process watched as it shows up, as MODEWATCH=1 does (in-process)."""
+    return Watcher(None, log=log, discover=True)
+
+
+def rules_and_severities(analysis):
+    return {(f.rule, f.severity) for f in analysis.findings}
+
+
+def encoder():
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+
+
+# ----------------------------------------------------------------------------- EMA / momentum targets
+
+def ema_update(target, online, style):
+    """The ways public code updates an EMA / momentum target from the online network."""
+    pairs = list(zip(target.parameters(), online.parameters()))
+    with torch.no_grad():
+        if style == "no_grad":  # timm ModelEmaV2, BYOL implementations
+            for t, o in pairs:
+                t.mul_(0.9).add_(o, alpha=0.1)
+        elif style == "foreach":  # torch.optim.swa_utils.AveragedModel, timm ModelEmaV3
+            torch._foreach_lerp_([t for t, _ in pairs], [o for _, o in pairs], 0.1)
+        elif style == "assign":  # MoCo v2/v3, lucidrains' BYOL: param.data = ...
+            for t, o in pairs:
+                t.data = t.data * 0.9 + o.data * 0.1
+        elif style == "data":  # DINO, mean teacher: param.data.mul_(...).add_(...)
+            for t, o in pairs:
+                t.data.mul_(0.9).add_(o.data, alpha=0.1)
+
+
+def byol_loop(style, steps=6):
+    """BYOL / DINO / mean teacher: the target is a deep copy of the online network, run in train
+    mode under no_grad every step, and moved towards it after each optimizer step."""
+    online = encoder()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    online.train()
+    target = copy.deepcopy(online)  # <- ema copy
+    for p in target.parameters():
+        p.requires_grad = False
+    for x, _ in batches(steps):
+        with torch.no_grad():
+            wanted = target(x)
+        loss = (online(x) - wanted).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema_update(target, online, style)
+
+
+@pytest.mark.parametrize("style", ["no_grad", "foreach", "assign"])
+def test_an_ema_target_updated_in_place_is_recognised_not_an_error(log, style):
+    """A copy updated in place from the online network and run in train mode under no_grad every
+    step is deliberate: one info finding that says what was recognised, no error."""
+    with watch_everything(log):
+        byol_loop(style)
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.severity) == ("ema-target", "info")
+    assert finding.layers == ["1"] and finding.batches == 6
+    assert "Recognised as deliberate: its parameters changed between steps with no optimizer" in finding.message
+    assert finding.model == {"name": "Sequential", "site": {"file": __file__, "line": line_of("ema copy"),
+                                                            "function": "byol_loop"}}
+
+
+def test_an_ema_target_updated_through_data_is_a_warning_not_an_error(log):
+    """An update through ``.data`` leaves no version counter moved; the target is recognised by
+    being a deep copy of the model that trains: a warning that says so, never an error."""
+    with watch_everything(log):
+        byol_loop("data")
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.severity) == ("ema-target", "warning")
+    assert "looks like an EMA / momentum target of Sequential (a deep copy of it" in finding.message
+
+
+def test_a_model_run_in_train_mode_while_nothing_else_trains_stays_an_error(log):
+    """The inference bug: a model run in train mode under no_grad in a process that trains
+    nothing else is an error, EMA recognition or not."""
+    model = encoder()
+    with watch_everything(log):
+        model.train()
+        with torch.no_grad():
+            for x, _ in batches(4):
+                model(x)
+    assert rules_and_severities(modewatch.analyze(log)) == {("stat-update-in-eval", "error")}
+
+
+def test_a_fixed_teacher_left_in_train_mode_stays_an_error(log):
+    """Knowledge distillation with a fixed teacher of another architecture, left in train mode:
+    nothing moves its parameters, so it is no EMA target; its evaluation is an error."""
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Dropout(0.3), nn.Linear(32, 8))
+    student = encoder()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with watch_everything(log):
+        teacher.train()  # forgotten: teacher.eval()
+        student.train()
+        for x, _ in batches(5):
+            with torch.no_grad():
+                soft = teacher(x)
+            loss = (student(x) - soft).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    found = findings_by_rule(modewatch.analyze(log))
+    assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
+                                                                 ("dropout-in-eval", "error")}
+    assert found["dropout-in-eval"].model["name"] == "Sequential"
+
+
+class MoCo(nn.Module):
+    """MoCo: the key encoder lives inside the trained model, its parameters frozen and moved by
+    momentum (``param.data = ...``) in every forward, its BatchNorm in train mode on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder_q = encoder()
+        self.encoder_k = encoder()
+        for q, k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            k.data.copy_(q.data)
+            k.requires_grad = False
+
+    def forward(self, x):
+        with torch.no_grad():
+            for q, k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                k.data = k.data * 0.99 + q.data * 0.01
+            keys = self.encoder_k(x)
+        return (self.encoder_q(x) * keys).sum(1)
+
+
+def test_a_momentum_key_encoder_inside_the_model_is_not_a_frozen_part(log):
+    """MoCo's key encoder has requires_grad=False and BatchNorm in train mode, but its
+    parameters move every step: it is no frozen part, and nothing is reported."""
+    model = MoCo()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for x, _ in batches(5):
+            loss = model(x).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert modewatch.analyze(log).findings == []
+
+
+def test_live_mode_waits_for_the_ema_target_to_be_recognised(log):
+    """on_finding="raise" does not raise on a BYOL target before it is recognised (its first
+    forward comes before any update), and still raises on the inference bug, at close."""
+    online = encoder()
+    with modewatch.watch(online, log=log, on_finding="raise"):
+        byol_loop_on(online)
+    model = encoder()
+    with pytest.raises(modewatch.ModeFindingError, match="stat-update-in-eval"):
+        with modewatch.watch(model, log=log, on_finding="raise"):
+            model.train()
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+    assert modewatch.analyze(log).summary["unclosed_logs"] == []  # written whole before raising
+
+
+def byol_loop_on(online, steps=4):
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    target = copy.deepcopy(online)
+    for x, _ in batches(steps):
+        with torch.no_grad():
+            wanted = target(x)
+        loss = (online(x) - wanted).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema_update(target, online, "no_grad")
+
+
+# ----------------------------------------------------------------------------- several optimizers, threads
+
+def test_a_wgan_critic_stepping_five_times_does_not_make_the_generator_evaluation(log):
+    """WGAN: the generator's output waits through five critic steps before the generator's own
+    backward. Other models' steps never make a forward stale: no finding at all."""
+    generator = encoder()
+    critic = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), nn.LeakyReLU(), nn.Linear(16, 1))
+    opt_g = torch.optim.RMSprop(generator.parameters(), lr=1e-3)
+    opt_c = torch.optim.RMSprop(critic.parameters(), lr=1e-3)
+    with watch_everything(log):
+        generator.train()
+        critic.train()
+        for x, _ in batches(4):
+            fake = generator(torch.randn(16, 8))
+            for _ in range(5):
+                critic_loss = critic(fake.detach()).mean() - critic(x).mean()
+                opt_c.zero_grad()
+                critic_loss.backward()
+                opt_c.step()
+            generator_loss = -critic(fake).mean()
+            opt_g.zero_grad()
+            generator_loss.backward()
+            opt_g.step()
+    assert modewatch.analyze(log).findings == []
+
+
+def test_threads_training_their_own_models_never_count_each_others_steps(log):
+    """One thread's forward waits for its backward while two other threads step their own models
+    many times: the waiting forward is still a training forward."""
+    models = [encoder() for _ in range(3)]
+    waiting, go = threading.Event(), threading.Event()
+    errors = []
+
+    def train(index):
+        try:
+            model = models[index]
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            for step, (x, _) in enumerate(batches(6, seed=index)):
+                loss = model(x).pow(2).mean()
+                if index == 0 and step == 2:
+                    waiting.set()
+                    go.wait(10)  # the others step many times meanwhile
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if index != 0:
+                waiting.wait(10)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with watch_everything(log):
+        for model in models:
+            model.train()
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(3)]
+        threads[0].start()
+        waiting.wait(10)
+        threads[1].start()
+        threads[2].start()
+        threads[1].join()
+        threads[2].join()
+        go.set()
+        threads[0].join()
+    assert not errors
+    assert modewatch.analyze(log).findings == []
+
+
+# ----------------------------------------------------------------------------- sampling from a generator
+
+def dcgan_loop(evaluate_at_end):
+    generator = encoder()
+    discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
+    opt_g = torch.optim.Adam(generator.parameters())
+    opt_d = torch.optim.Adam(discriminator.parameters())
+    fixed_noise = torch.randn(16, 8)
+    for step, (x, _) in enumerate(batches(6)):
+        fake = generator(torch.randn(16, 8))
+        loss_d = discriminator(fake.detach()).mean() - discriminator(x).mean()
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        loss_g = -discriminator(fake).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        if step % 2 == 0:
+            samples = generator(fixed_noise).detach()  # <- sampling
+    if evaluate_at_end:
+        generator.eval()
+        with torch.no_grad():
+            samples = generator(fixed_noise)
+    return samples
+
+
+def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log):
+    """pytorch/examples dcgan: netG(fixed_noise) with grad enabled, never backpropagated, and
+    netG never in eval mode: its statistics are never used in this run. A warning that says so."""
+    with watch_everything(log):
+        dcgan_loop(evaluate_at_end=False)
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.severity) == ("stat-update-in-sampling", "warning")
+    assert "never ran in eval mode in this run" in finding.message
+    assert finding.forward_site["line"] == line_of("sampling")
+
+
+def test_sampling_drift_is_an_error_when_the_statistics_are_used_later(log):
+    """The same sampling, when the generator is evaluated in eval mode later: the drifted
+    statistics are used, so the sampling's update is an error again."""
+    with watch_everything(log):
+        dcgan_loop(evaluate_at_end=True)
+    assert rules_and_severities(modewatch.analyze(log)) == {("stat-update-in-eval", "error")}
+
+
+# ----------------------------------------------------------------------------- statistics drift in a frozen part
+
+class Finetune(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def finetune(log, freeze, backbone_eval=False, allow=False):
+    model = Finetune()
+    if freeze == "requires_grad":  # the pytorch/tutorials transfer-learning example
+        for p in model.backbone.parameters():
+            p.requires_grad = False
+        optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    elif freeze == "optimizer":
+        optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        for x, y in batches(4):
+            model.train()  # <- train call
+            if backbone_eval:
+                model.backbone.eval()
+            if allow:
+                with modewatch.allow("stat-update-in-frozen"):
+                    train_step(model, optimizer, x, y)
+            else:
+                train_step(model, optimizer, x, y)
+    return modewatch.analyze(log)
+
+
+@pytest.mark.parametrize("freeze, words", [("requires_grad", "requires_grad=False"),
+                                           ("optimizer", "left out of every optimizer")])
+def test_statistics_drift_in_a_frozen_backbone_is_a_warning(log, freeze, words):
+    """Freezing parameters does not freeze BatchNorm: stat-update-in-frozen names the layers, how
+    they were frozen and the line that last put them in train mode, with the fix."""
+    (finding,) = finetune(log, freeze).findings
+    assert (finding.rule, finding.severity) == ("stat-update-in-frozen", "warning")
+    assert finding.layers == ["backbone.1"] and finding.batches == 4
+    assert words in finding.message
+    assert finding.mode_site["line"] == line_of("train call")
+    assert "backbone.eval()" in finding.fix
+
+
+def test_a_frozen_backbone_in_eval_mode_or_allowed_or_trained_is_not_reported(log):
+    """The fix (backbone.eval() after model.train()) leaves only the deliberate-freezing info;
+    allow() silences deliberate adaptation; a backbone that trains is no frozen part."""
+    assert rules_and_severities(finetune(log, "requires_grad", backbone_eval=True)) == {("bn-frozen-in-train", "info")}
+    assert finetune(log, "requires_grad", allow=True).findings == []
+    assert finetune(log, None).findings == []
+
+
+# ----------------------------------------------------------------------------- several models
+
+def test_findings_of_two_models_are_apart_and_name_their_model(log, capsys):
+    """One eval() line leaving a generator and a discriminator in eval mode gives one finding
+    per model, each naming its model's class and the line where it was found (MODEWATCH=1)."""
+    class Generator(nn.Sequential):
+        pass
+
+    class Discriminator(nn.Sequential):
+        pass
+
+    generator = Generator(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    discriminator = Discriminator(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    opt = torch.optim.SGD([*generator.parameters(), *discriminator.parameters()], lr=0.1)
+    with watch_everything(log):
+        for model in (generator, discriminator):
+            model.eval()  # <- found here
+        for x, _ in batches(3):
+            loss = discriminator(generator(x)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    findings = modewatch.analyze(log).findings
+    assert sorted(f.model["name"] for f in findings) == ["Discriminator", "Generator"]
+    assert all(f.rule == "bn-frozen-in-train" and f.layers == ["1"] for f in findings)
+    assert all(f.model["site"]["line"] == line_of("found here") for f in findings)
+    assert main(["analyze", log]) == 1
+    out = capsys.readouterr().out
+    assert "Generator (" in out and "Discriminator (" in out
+    assert main(["analyze", log, "--format", "json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert {f["model"]["name"] for f in document["findings"]} == {"Generator", "Discriminator"}
+
+
+# ----------------------------------------------------------------------------- MODEWATCH=1 finds every model
+
+def test_every_model_of_a_search_is_watched_however_many_are_freed(log):
+    """A hyper-parameter search or k-fold run makes and frees model after model; a new model
+    given the address of a freed one is still watched, and its bug found."""
+    with watch_everything(log):
+        for trial in range(6):
+            model = Net()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            model.train()
+            for step, (x, y) in enumerate(batches(3, seed=trial)):
+                train_step(model, optimizer, x, y)
+                model.eval()  # the seed bug in every trial
+            del model, optimizer
+    findings = modewatch.analyze(log).findings
+    assert sum(f.rule == "train-without-dropout" for f in findings) == 6  # one per trial's model
+
+
+class GAT(nn.Module):
+    """pytorch/examples gat: dropout only through F.dropout, no Dropout module."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = nn.functional.dropout(x, 0.6, training=self.training)
+        return self.fc(x)
+
+
+class Attention(nn.Module):
+    """No Dropout or BatchNorm module at all: attention dropout through SDPA's dropout_p."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(0).chunk(3, dim=-1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)[0]
+
+
+@pytest.mark.parametrize("make", [GAT, Attention])
+def test_a_model_whose_only_dropout_is_functional_is_found(log, make):
+    """MODEWATCH=1 watches a model with no Dropout/BatchNorm module, as watch() does, so that a
+    model left in eval mode during training is found."""
+    with watch_everything(log):
+        model = make()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.eval()  # forgotten: model.train()
+        for x, _ in batches(3):
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert rules_and_severities(modewatch.analyze(log)) == {("train-without-dropout", "error")}
+
+
+# ----------------------------------------------------------------------------- checkpoints and copies
+
+NET_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.bn(self.fc(x)))
+'''
+
+LOAD_WITHOUT_MODEWATCH = '''
+import sys
+sys.modules["modewatch"] = None  # modewatch cannot be imported: as on a machine without it
+import torch
+from torch import nn
+import netdef
+
+allowed = [netdef.Net, nn.Linear, nn.BatchNorm1d, nn.Dropout]
+for name in sys.argv[1:]:
+    with torch.serialization.safe_globals(allowed):
+        model = torch.load(name, weights_only=True)
+    model.eval()
+    model(torch.randn(4, 8))
+    print("loaded", name, len(model._forward_hooks) + len(model.bn._forward_hooks))
+'''
+
+
+def test_a_checkpoint_written_while_watched_holds_no_trace_of_modewatch(tmp_path, log):
+    """torch.save(model) of a watched model writes what an unwatched one would: it loads with
+    weights_only=True wherever the unwatched one does, also where modewatch is not installed,
+    with no hook. A deep copy made while watched stays watched, and loses the hooks at close."""
+    (tmp_path / "netdef.py").write_text(NET_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import netdef
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = netdef.Net()
+    with modewatch.watch(model, log=log):
+        torch.save(model, tmp_path / "watched.pt")
+        ema = copy.deepcopy(model)
+        torch.save(ema, tmp_path / "copy.pt")
+        ema.train()
+        with torch.no_grad():
+            ema(torch.randn(4, 8))  # recorded: the copy is watched
+    torch.save(netdef.Net(), tmp_path / "plain.pt")
+    for name in ("watched.pt", "copy.pt"):
+        with open(tmp_path / name, "rb") as f:
+            assert b"modewatch" not in f.read()
+    assert not ema._forward_hooks and not ema.bn._forward_hooks  # close() took them off the copy too
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MODEWATCH, "plain.pt", "watched.pt", "copy.pt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "MODEWATCH": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["loaded plain.pt 0", "loaded watched.pt 0", "loaded copy.pt 0"]
+    found = findings_by_rule(modewatch.analyze(log))
+    assert set(found) == {"stat-update-in-eval", "dropout-in-eval"} and found["dropout-in-eval"].layers == ["drop"]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+SPAWN_SCRIPT = '''
+import torch
+from torch import nn
+
+
+def train(rank):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for step in range(4):
+        loss = model(torch.randn(8, 4)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if rank == 1:
+            model.eval()  # the seed bug, in one process only
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(train, nprocs=2)
+'''
+
+
+@pytest.mark.slow
+def test_processes_given_one_log_path_keep_every_record(tmp_path, capsys):
+    """torch.multiprocessing.spawn under MODEWATCH=1 with one fixed MODEWATCH_LOG: no process
+    overwrites another's log; those that find the path taken write beside it and say so, and
+    the buggy process's findings are there."""
+    (tmp_path / "spawn.py").write_text(SPAWN_SCRIPT)
+    env = {**os.environ, "MODEWATCH": "1", "MODEWATCH_LOG": str(tmp_path / "logs" / "run.jsonl")}
+    result = subprocess.run([sys.executable, "spawn.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    logs = sorted(glob.glob(str(tmp_path / "logs" / "*.jsonl")))
+    assert len(logs) == 3, (logs, result.stderr)  # the parent's (no model) and each child's
+    assert result.stderr.count("holds the log of another process") == 2
+    assert main(["analyze", str(tmp_path / "logs")]) == 1
+    out = capsys.readouterr().out
+    assert "train-without-dropout" in out and "bn-frozen-in-train" in out
+
+
+def test_a_multiprocessing_child_that_trains_briefly_writes_its_log(tmp_path):
+    """A multiprocessing child ends with os._exit, skipping atexit: it writes its log all the
+    same, however short its training (before: only after a flush, a second in)."""
+    import multiprocessing
+
+    model = Net()
+    watcher = modewatch.watch(model, log=tmp_path / "run-{pid}.jsonl")
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=train_with_the_seed_bug, args=(model,))
+    child.start()
+    child.join(60)
+    watcher.close()
+    assert child.exitcode == 0
+    (child_log,) = glob.glob(str(tmp_path / f"run-{child.pid}.jsonl"))
+    found = findings_by_rule(modewatch.analyze(child_log))
+    assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
+
+
+def train_with_the_seed_bug(model):
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked OpenMP pool hangs
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.eval()
+    for x, y in batches(2):
+        train_step(model, optimizer, x, y)
+
+
+def test_a_log_that_cannot_be_started_leaves_nothing(tmp_path, monkeypatch):
+    """watch() on a full disk raises LogPathError and leaves no empty log behind, which would
+    make `modewatch analyze DIR` fail for the whole folder."""
+    from modewatch import logfile
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logfile.LogWriter, "flush", full)
+    with pytest.raises(modewatch.LogPathError, match="No space left on device"):
+        modewatch.watch(Net(), log=tmp_path / "run.jsonl")
+    assert os.listdir(tmp_path) == []
