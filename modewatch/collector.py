@@ -542,6 +542,7 @@ class Watcher:
         self._failed = False
         self._closed = False
         self._child = False  # a forked child of the process that made this watcher
+        self.always_log = False  # MODEWATCH=1's watcher: the program's process leaves a log, always
         self._last_flush = time.monotonic()
         self._since_clock = 0  # forwards since the clock was last read
         if self._writer is not None:
@@ -1153,8 +1154,8 @@ class Watcher:
                         self._live.check([], final=True)
                     except ModeFindingError as exc:
                         found = found or exc
-                top_level = self.discover and not self._child and not _is_child_process()
-                self._write(open_runs=True, always=top_level)
+                always = self.always_log and not self._child and not _is_child_process()
+                self._write(open_runs=True, always=always)
                 if self._writer is not None:
                     self._writer.footer(steps=self.step, forwards=self._seq, models=len(self._models))
                     if self.discover:  # MODEWATCH=1: nobody chose the path, so say where it is

@@ -183,8 +183,11 @@ def _make_getstate(original: Callable) -> Callable:
         state = original(self)
         try:
             # copy.deepcopy (SWA, EMA) keeps the hooks: the copy stays watched. Everything else
-            # that asks for the state is pickling.
-            if sys._getframe(1).f_code not in _COPY_CODES and isinstance(state, dict):
+            # that asks for the state is pickling. (A subclass's __getstate__ may call this one.)
+            caller = sys._getframe(1)
+            while caller is not None and caller.f_code.co_name == "__getstate__":
+                caller = caller.f_back
+            if (caller is None or caller.f_code not in _COPY_CODES) and isinstance(state, dict):
                 state = without_our_hooks(dict(state))
         except Exception:  # never stop a checkpoint from being written
             pass

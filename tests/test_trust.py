@@ -26,7 +26,9 @@ from conftest import Net, batches, findings_by_rule, line_of, train_step
 
 def watch_everything(log):
     """Every model of the process watched as it shows up, as MODEWATCH=1 does (in-process)."""
-    return Watcher(None, log=log, discover=True)
+    watcher = Watcher(None, log=log, discover=True)
+    watcher.always_log = True
+    return watcher
 
 
 def rules_and_severities(analysis):
