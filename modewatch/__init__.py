@@ -6,13 +6,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ._version import __version__
 from .allow import allow
 from .analysis import Analysis, Finding, analyze
 from .errors import (LogFormatError, LogPathError, ModeFindingError, ModewatchError, ModewatchWarning,
                      UnknownRuleError)
+
+if TYPE_CHECKING:  # for the annotations only: `import modewatch` imports no torch
+    import os
+
+    import torch
+
+    from .collector import Watcher
 
 __all__ = [
     "Analysis",
@@ -31,7 +38,9 @@ __all__ = [
 ]
 
 
-def watch(model: Any, log: Any = None, **options: Any) -> Any:
+def watch(model: "torch.nn.Module", log: "str | os.PathLike[str] | None" = None, *, flush_seconds: float = 1.0,
+          fold: bool = True, on_finding: "str | None" = None, layers: "Mapping[type, str] | None" = None,
+          **unknown: Any) -> "Watcher":
     """Watch `model`: record the mode of every Dropout/BatchNorm call into a JSON-lines log.
 
     Also watched: `nn.MultiheadAttention`, functional dropout (`F.dropout` and variants,
@@ -64,7 +73,7 @@ def watch(model: Any, log: Any = None, **options: Any) -> Any:
     """
     from .collector import watch as _watch
 
-    return _watch(model, log, **options)
+    return _watch(model, log, flush_seconds=flush_seconds, fold=fold, on_finding=on_finding, layers=layers, **unknown)
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,7 @@ MAX_FRAMES = 12  # frames looked at, outwards from the call, for the module that
 
 # nn.MultiheadAttention drops through F.multi_head_attention_forward, which calls the wrappers;
 # its layer hook records those calls already, so the wrapper lets them through at once.
-_RECORDED_BY_LAYER = frozenset({torch.nn.functional.multi_head_attention_forward.__code__})
+_RECORDED_BY_LAYER = frozenset({id(torch.nn.functional.multi_head_attention_forward.__code__)})  # ids: see sites
 
 
 def originals_namespace() -> types.ModuleType:
@@ -77,7 +77,7 @@ def make_wrapper(original: Callable, name: str, p_index: int, p_keyword: str, p_
         if not _compiling():  # traced by torch.compile: constant, the branch disappears
             try:
                 frame = sys._getframe(1)
-                if frame.f_code not in _RECORDED_BY_LAYER:
+                if id(frame.f_code) not in _RECORDED_BY_LAYER:
                     p = args[p_index] if len(args) > p_index else kwargs.get(p_keyword, p_default)
                     if training_index is None:
                         training = True
@@ -94,18 +94,17 @@ def make_wrapper(original: Callable, name: str, p_index: int, p_keyword: str, p_
 
 
 _SELF_NAMES = ("self", "module")  # Hugging Face's attention functions take the module as `module`
-_receivers: dict = {}
+_receivers: dict = {}  # id(code) -> (code, its receiver's name); ids, not code hashes (see sites)
 
 
 def _receiver(code: types.CodeType) -> Optional[str]:
     """The name of the argument of ``code`` that may hold a module (``self``), or None."""
-    try:
-        return _receivers[code]
-    except KeyError:
-        pass
+    known = _receivers.get(id(code))
+    if known is not None:
+        return known[1]
     found = code.co_varnames[0] if code.co_argcount and code.co_varnames[0] in _SELF_NAMES else None
     if len(_receivers) < 100_000:
-        _receivers[code] = found
+        _receivers[id(code)] = (code, found)
     return found
 
 

@@ -20,6 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from . import compat
+
 CATEGORIES = ("dropout", "norm")
 
 # Where a custom dropout-like layer keeps its probability, in the order looked for.
@@ -66,7 +68,7 @@ def is_custom(module: nn.Module) -> bool:
         code = getattr(getattr(cls, "forward", None), "__code__", None)
         known = _reads_training[cls] = (
             not is_torch_layer(module) and code is not None and "training" in code.co_names)
-    return known and not module._modules
+    return known and not compat.own_children(module)
 
 
 def is_torch_layer(module: nn.Module) -> bool:

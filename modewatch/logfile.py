@@ -23,35 +23,9 @@ import structlog
 from ._version import __version__
 from .errors import LogFormatError
 
-SCHEMA = 1
-HEADER_EVENT = "modewatch"
-
-# What a forward's outputs went through, decided when the forward is over (see collector).
-NO_GRAPH = 0  # no autograd graph: no_grad, inference_mode, or nothing required grad
-GRAPH_UNUSED = 1  # a graph was built, and no backward ever went through it
-INPUT_GRAD = 2  # differentiated with respect to inputs only (torch.autograd.grad(loss, x))
-PARAM_GRAD = 3  # a parameter-gradient backward went through it: a training forward
-FORWARD_KINDS = (NO_GRAPH, GRAPH_UNUSED, INPUT_GRAD, PARAM_GRAD)
-
-# Bits of a call's state.
-TRAINING = 1  # module.training during the call
-GRAD_ENABLED = 2  # torch.is_grad_enabled()
-INFERENCE = 4  # torch.is_inference_mode_enabled()
-STATS_CHANGED = 8  # running statistics changed during the call (measured)
-FROZEN = 16  # a norm layer whose parameters all have requires_grad=False
-PARAMS_MOVED = 32  # ... and they changed since its previous call all the same (a momentum update)
-ALL_FLAGS = 63
-
-CATEGORIES = ("dropout", "norm")
-SCOPES = ("model", "submodule", "layer", "outside")
-
-# A calls row, in this order.  A row stands for `calls` consecutive layer calls in identical
-# state, made by `forwards` forwards from step first_step to last_step.
-ROW_FIELDS = (
-    "layer", "forward_kind", "flags", "batch", "param", "mode", "site", "context",
-    "first_step", "last_step", "first_forward", "forwards", "calls",
-)
-ROW_LENGTH = len(ROW_FIELDS)
+from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED, GRAPH_UNUSED, HEADER_EVENT,  # noqa: F401
+                     INFERENCE, INPUT_GRAD, NO_GRAPH, PARAM_GRAD, PARAMS_MOVED, ROW_FIELDS, ROW_LENGTH, SCHEMA, SCOPES,
+                     STATS_CHANGED, TRAINING, is_log_name)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -253,7 +227,7 @@ class Calls(NamedTuple):
     calls: int
 
 
-STATE_LENGTH = 13  # the fields of Calls before its counts: what a run of calls was
+STATE_LENGTH = 13  # the fields of Calls before its counts: what a run of calls was (its resolved row state)
 
 
 def job_rank(header: Header) -> Optional[int]:
@@ -541,11 +515,6 @@ def _parse(raw: bytes) -> Optional[dict]:
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
-
-
-def is_log_name(name: str) -> bool:
-    """Whether a file found in a directory given to the analyzer is taken as a log."""
-    return name.endswith(".jsonl") and not name.startswith(".")
 
 
 def expand_paths(paths: list) -> list:

@@ -26,8 +26,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 import wrapt
 
-from . import functional
-from .logfile import INPUT_GRAD, PARAM_GRAD
+from . import compat, functional
+from .format import INPUT_GRAD, PARAM_GRAD
 
 _lock = threading.Lock()
 _watchers: list = []  # active Watcher objects, in creation order
@@ -38,7 +38,7 @@ _step_hook = None
 # autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
 # own, which then look at every thread's backward.
 _backward_kinds: dict = {}  # thread ident -> [kind, ...]
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+_graph_task_id = compat.current_graph_task_id
 
 
 def backward_running() -> bool:
@@ -151,12 +151,10 @@ def _on_step(optimizer, args, kwargs):
 
 
 _COPY_CODES = (copy.deepcopy.__code__, copy.copy.__code__)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
-_HOOK_ID_DICTS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
 def is_ours(hook: Any) -> bool:
-    """Whether a module's hook is one of modewatch's (a bound method of a collector hooks object)."""
+    """Whether a module's hook is one of modewatch's (a bound method of a hooks object)."""
     return getattr(getattr(hook, "__self__", None), "modewatch_hook", False) is True
 
 
@@ -164,17 +162,7 @@ def without_our_hooks(state: dict) -> dict:
     """A module's pickled state with modewatch's hooks left out, so that a checkpoint written
     while watched (``torch.save(model)``) is exactly what it would be unwatched: loadable with
     ``weights_only=True`` and where modewatch is not installed. The module keeps its hooks."""
-    removed = set()
-    for name in _HOOK_DICTS:
-        hooks = state.get(name)
-        if hooks and any(is_ours(h) for h in hooks.values()):
-            removed.update(k for k, h in hooks.items() if is_ours(h))
-            state[name] = type(hooks)((k, h) for k, h in hooks.items() if not is_ours(h))
-    if removed:
-        for name in _HOOK_ID_DICTS:
-            ids = state.get(name)
-            if ids and removed.intersection(ids):
-                state[name] = type(ids)((k, v) for k, v in ids.items() if k not in removed)
+    compat.remove_hooks(state, is_ours)
     return state
 
 
@@ -227,28 +215,20 @@ def _replace(owner: Any, name: str, replacement: Any) -> None:
     setattr(owner, name, replacement)
 
 
-# modewatch's modules whose code torch.compile must run as it is, never trace: hooks read the
-# stack, version counters and locks, which Dynamo would otherwise try to compile (and guard on).
-# ``functional`` is not among them: its wrappers are traced, so that dropout stays in the graph.
-EAGER_MODULES = ("modewatch.collector", "modewatch.patches", "modewatch.sites", "modewatch.allow",
-                 "modewatch.logfile", "modewatch.analysis", "modewatch.ranks", "structlog", "wrapt")
+# Run eagerly by torch.compile, never traced: every module of these packages but the traced ones.
+# Hooks read the stack, version counters and locks, which Dynamo would otherwise try to compile
+# (and guard on); ``functional``'s wrappers are traced, so that dropout stays in the graph.
+EAGER_PACKAGES = ("modewatch", "structlog", "wrapt")
+TRACED_MODULES = ("modewatch.functional",)
 _dynamo_told = False
 
 
 def _keep_out_of_compiled_graphs(dynamo: Any) -> None:
-    """When torch._dynamo is imported (torch.compile, Transformers, Lightning): tell it to run the
-    hooks' code eagerly. A hook call inside a compiled model is then a silent graph break."""
+    """When torch._dynamo is imported (torch.compile, Transformers, Lightning)."""
     global _dynamo_told
-    if _dynamo_told:
-        return
-    _dynamo_told = True
-    try:
-        from torch._dynamo import trace_rules
-
-        for name in EAGER_MODULES:
-            trace_rules.add(name)
-    except Exception:  # a torch whose Dynamo has no such API: hooks are traced, with warnings
-        pass
+    if not _dynamo_told:
+        _dynamo_told = True
+        compat.keep_out_of_compiled_graphs(EAGER_PACKAGES, TRACED_MODULES)
 
 
 def _before_fork() -> None:

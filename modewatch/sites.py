@@ -24,7 +24,9 @@ RECALIBRATION_FUNCTIONS = frozenset({("swa_utils.py", "update_bn")})
 
 USER, INTERNAL, RECALIBRATION, LIBRARY = 0, 1, 2, 3
 
-_verdicts: dict[CodeType, int] = {}
+# Keyed by id(code), with the code object kept alive beside its verdict (so that its id is never
+# reused): hashing a code object hashes its bytecode, ~0.4 µs, and a walk looks at several.
+_verdicts: dict[int, tuple] = {}
 _folders: dict[str, str] = {}  # package -> its folder, once imported
 
 
@@ -41,10 +43,9 @@ def _prefixes(packages: tuple) -> tuple[str, ...]:
 
 def verdict(code: CodeType) -> int:
     """USER, INTERNAL or RECALIBRATION (an internal frame of a recalibration function)."""
-    try:
-        return _verdicts[code]
-    except KeyError:
-        pass
+    known = _verdicts.get(id(code))
+    if known is not None:
+        return known[1]
     filename = code.co_filename
     absolute = filename if filename.startswith("<") else os.path.abspath(filename)
     if absolute.startswith(_prefixes(INTERNAL_PACKAGES) + ("<frozen",)):
@@ -55,7 +56,7 @@ def verdict(code: CodeType) -> int:
     else:
         result = USER
     if len(_verdicts) < 100_000:  # code objects of exec'd strings could be endless
-        _verdicts[code] = result
+        _verdicts[id(code)] = (code, result)
     return result
 
 

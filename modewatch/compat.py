@@ -1,0 +1,101 @@
+"""torch's private APIs that modewatch relies on, in one place, each with its fallback.
+
+Everything else modewatch uses of torch is public. When a torch release moves one of these, this
+is the file to change; tests/test_compat.py checks each against the installed torch.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+
+# Read on every layer call: torch's C function, without the Python wrapper of torch.is_grad_enabled.
+is_grad_enabled: Callable[[], bool] = torch._C.is_grad_enabled
+
+# The id of the autograd graph task running on this thread, -1 outside any backward (exact, and
+# per thread); None on a torch without it.
+current_graph_task_id: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)
+
+# A module's own tables, name -> tensor or module (not its submodules'). Read on every layer call:
+# nn.Module.__getattr__ is slow, and attrgetter is C.
+own_buffers: Callable[[torch.nn.Module], dict] = operator.attrgetter("_buffers")
+own_parameters: Callable[[torch.nn.Module], dict] = operator.attrgetter("_parameters")
+own_children: Callable[[torch.nn.Module], dict] = operator.attrgetter("_modules")
+FORWARD_HOOKS, FORWARD_PRE_HOOKS = "_forward_hooks", "_forward_pre_hooks"
+# Tables keyed by a hook's handle id, kept beside the hook dicts.
+HOOK_ID_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def version(tensor: torch.Tensor) -> int:
+    """A tensor's version counter: it moves on every in-place change (no value read, no sync)."""
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def data_ptr(tensor: torch.Tensor) -> int:
+    """Where a tensor's data lives (metadata, no sync): ``param.data = new`` moves it."""
+    try:
+        return tensor.data_ptr()
+    except Exception:  # tensors without storage
+        return 0
+
+
+def forward_hooks(module: torch.nn.Module) -> Any:
+    """The forward hooks (post-hooks) of a module: bound methods, functions."""
+    return (module.__dict__.get(FORWARD_HOOKS) or {}).values()
+
+
+def remove_hooks(state: dict, unwanted: Callable[[Any], bool], in_place: bool = False) -> bool:
+    """Remove from a module's ``__dict__`` the forward hooks and pre-hooks for which
+    ``unwanted(hook)`` is true, with their entries in the tables keyed by handle id. ``in_place``:
+    change the tables of a live module (the handles of other hooks keep pointing at them); else
+    replace them, for a shallow copy of the state that is being pickled. Returns whether anything
+    was removed."""
+    removed: set = set()
+    for name in (FORWARD_HOOKS, FORWARD_PRE_HOOKS):
+        hooks = state.get(name)
+        if hooks and any(unwanted(hook) for hook in hooks.values()):
+            removed.update(key for key, hook in hooks.items() if unwanted(hook))
+            _keep(state, name, removed, in_place)
+    if removed:
+        for name in HOOK_ID_TABLES:
+            if state.get(name) and not removed.isdisjoint(state[name]):
+                _keep(state, name, removed, in_place)
+    return bool(removed)
+
+
+def _keep(state: dict, name: str, removed: set, in_place: bool) -> None:
+    table = state[name]
+    if in_place:
+        for key in removed & set(table):
+            del table[key]
+    else:
+        state[name] = type(table)((key, value) for key, value in table.items() if key not in removed)
+
+
+def keep_out_of_compiled_graphs(packages: tuple, traced: tuple = ()) -> None:
+    """Tell Dynamo (torch.compile) to run the code of these packages eagerly, never to trace it
+    (a hook call inside a compiled model is then a silent graph break), except the modules in
+    ``traced``, whose code must stay in the graph. A torch whose Dynamo has no such API traces
+    everything, with warnings."""
+    try:
+        import importlib
+        import pkgutil
+
+        from torch._dynamo import trace_rules
+
+        for package in packages:
+            module = importlib.import_module(package)
+            inside = [name for name in traced if name.startswith(f"{package}.")]
+            if not inside or not hasattr(module, "__path__"):
+                trace_rules.add(package)  # the whole package, by its folder
+                continue
+            for info in pkgutil.iter_modules(module.__path__, prefix=f"{package}."):
+                if info.name not in inside:
+                    trace_rules.add(info.name)  # module by module, by file
+    except Exception:
+        pass

@@ -1,0 +1,65 @@
+"""Which optimizer steps which watched model: steps counted per model, and the ``optimized`` facts.
+
+An optimizer is looked at once (again when its param groups change): the watched models whose
+parameters it holds, and the norm layers whose parameters it holds, are written down (the
+analysis's "left out of every optimizer", stat-update-in-frozen). After that, a step costs a
+dictionary look-up. Each model counts the steps of the optimizers holding its parameters: a
+forward is stale after steps of *its* model's optimizers, never of others'.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from . import compat
+from .catalog import Catalog
+from .registry import Registry
+
+
+class Optimizers:
+    def __init__(self, registry: Registry, catalog: Catalog):
+        self.registry = registry
+        self.catalog = catalog
+        self._seen: dict = {}  # id(optimizer) -> (weakref, param groups seen, model indices)
+
+    def forget(self) -> None:
+        """A model was added: every optimizer's verdict may change."""
+        self._seen.clear()
+
+    def step(self, optimizer: Any, step: int) -> tuple:
+        """An optimizer stepped: count it for the models it holds; returns their indices."""
+        models = self.models_of(optimizer, step)
+        for index in models:
+            record = self.registry.models[index]
+            record.steps += 1
+            record.stepped = True
+        return models
+
+    def models_of(self, optimizer: Any, step: int) -> tuple:
+        """The indices of the watched models whose parameters ``optimizer`` holds."""
+        groups = optimizer.param_groups
+        seen = (len(groups), id(groups[-1]["params"]) if groups else None)
+        cached = self._seen.get(id(optimizer))
+        if cached is not None and cached[1] == seen and cached[0]() is optimizer:
+            return cached[2]
+        registry = self.registry
+        with registry.lock:
+            held = {id(p) for group in groups for p in group["params"]}
+            models = []
+            for record in registry.models:
+                module = record.ref()
+                if module is None:
+                    continue
+                # Read again: a head replaced after watch() (transfer learning) has new parameters.
+                record.param_ids = frozenset(id(p) for p in module.parameters())
+                if not record.param_ids.isdisjoint(held):
+                    models.append(record.index)
+            layers = [layer for layer, ref in registry.norm_layers if (module := ref()) is not None
+                      and any(id(p) in held for p in compat.own_parameters(module).values() if p is not None)]
+            if models:
+                self.catalog.define("optimized", step=step, models=models, layers=layers)
+            if len(self._seen) > 64:
+                self._seen = {key: value for key, value in self._seen.items() if value[0]() is not None}
+            self._seen[id(optimizer)] = (weakref.ref(optimizer), seen, tuple(models))
+            return tuple(models)
