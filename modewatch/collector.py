@@ -29,7 +29,7 @@ from .format import INFERENCE, MODE_FLAGS, NO_GRAPH, with_flags
 from .forwards import Forward, Pending, State
 from .layers import check_named
 from .live import ON_FINDING, Live
-from .logfile import LogWriter
+from .writer import LogWriter
 from .optimizers import Optimizers
 from .registry import Registry
 

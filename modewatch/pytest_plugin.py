@@ -2,32 +2,86 @@
 ``modewatch`` fixture watches a model inside a test and asserts on its findings.
 
 Loaded by every pytest run where modewatch is installed (entry point ``pytest11``), so loading it
-imports no torch; torch is imported only by a test that uses it.
+imports no torch, and without ``--modewatch`` nothing runs around the tests: the plugin object
+that does is registered only when the option is given (as pytest-cov does). docs/pytest.md.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Iterator, Optional
 
 import pytest
 
 from .analysis import analyze
-from .rules import severity_rank
+from .rules import SEVERITIES, severity_rank
 
 
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("modewatch", "find models that train or evaluate in the wrong mode")
     group.addoption("--modewatch", action="store_true", default=False,
                     help="fail tests whose models train or evaluate in the wrong mode")
-    group.addoption("--modewatch-fail-on", default="error", choices=("error", "warning", "info"),
+    group.addoption("--modewatch-fail-on", default="error", choices=SEVERITIES[::-1],
                     help="the least severe finding that fails a test (default: error)")
+
+
+def pytest_configure(config: Any) -> None:
+    if config.getoption("modewatch", False):
+        config.pluginmanager.register(WatchEveryTest(config.getoption("modewatch_fail_on")), "modewatch-watcher")
 
 
 def _describe(findings: list) -> str:
     lines = ["modewatch found models in the wrong mode:"]
     lines += [f"  {f.severity} {f.rule}: {f.message}" for f in findings]
     return "\n".join(lines)
+
+
+class WatchEveryTest:
+    """Under ``--modewatch``: every model of each test is watched (as ``MODEWATCH=1`` would), and
+    a test with findings at or above ``fail_on`` fails with them. Logs go to one temporary
+    folder for the session, each removed once analyzed, the folder at the end."""
+
+    def __init__(self, fail_on: str):
+        self.floor = severity_rank(fail_on)
+        self.folder = tempfile.mkdtemp(prefix="modewatch-pytest-")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: Any) -> Iterator[None]:
+        # A test that uses the modewatch fixture checks its findings itself (often on purpose bugs).
+        if "modewatch" in getattr(item, "fixturenames", ()):
+            yield
+            return
+        from .collector import Watcher  # torch: only now
+
+        watcher = Watcher(None, log=os.path.join(self.folder, "test.jsonl"), discover=True)
+        outcome = yield
+        watcher.close()
+        if not os.path.exists(watcher.path):
+            return
+        try:
+            if outcome.excinfo is None:
+                bad = [f for f in analyze(watcher.path).findings if severity_rank(f.severity) >= self.floor]
+                if bad:
+                    item.stash[_FOUND] = _describe(bad)
+        finally:
+            os.unlink(watcher.path)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: Any, call: Any) -> Iterator[None]:
+        outcome = yield
+        found = item.stash.get(_FOUND, None)
+        if found is not None and call.when == "call":
+            report = outcome.get_result()
+            report.outcome = "failed"  # the test's own outcome becomes this failure
+            report.longrepr = found
+
+    def pytest_unconfigure(self, config: Any) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_FOUND = pytest.StashKey[str]()
 
 
 class ModewatchFixture:
@@ -75,26 +129,3 @@ def modewatch(tmp_path: Any) -> Iterator[ModewatchFixture]:
         yield fixture
     finally:
         fixture.close()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: Any) -> Iterator[None]:
-    config = item.config
-    # A test that uses the modewatch fixture checks its findings itself (often on purpose bugs).
-    if not config.getoption("modewatch") or "modewatch" in getattr(item, "fixturenames", ()):
-        yield
-        return
-    import tempfile
-
-    from .collector import Watcher  # torch: only now, and only with --modewatch
-
-    folder = tempfile.mkdtemp(prefix="modewatch-pytest-")
-    watcher = Watcher(None, log=os.path.join(folder, "test.jsonl"), discover=True)
-    outcome = yield
-    watcher.close()
-    if outcome.excinfo is not None or not os.path.exists(watcher.path):
-        return
-    floor = severity_rank(config.getoption("modewatch_fail_on"))
-    bad = [f for f in analyze(watcher.path).findings if severity_rank(f.severity) >= floor]
-    if bad:  # the test's own outcome becomes this failure (raising from a hook wrapper would warn)
-        outcome.force_exception(pytest.fail.Exception(_describe(bad), pytrace=False))

@@ -16,10 +16,11 @@ import tracemalloc
 
 import modewatch
 from modewatch import logfile
+from modewatch.writer import LogWriter
 
 
 def write_rank(path, rank, ranks, steps):
-    writer = logfile.LogWriter(path)
+    writer = LogWriter(path)
     writer.header(torch="2.13.0", python="3.11", pid=rank, argv=[], rank=rank, world_size=ranks, time=0)
     for layer in range(20):
         kind = ("BatchNorm1d", "norm") if layer % 2 else ("Dropout", "dropout")

@@ -597,12 +597,12 @@ def train_with_the_seed_bug(model):
 def test_a_log_that_cannot_be_started_leaves_nothing(tmp_path, monkeypatch):
     """watch() on a full disk raises LogPathError and leaves no empty log behind, which would
     make `modewatch analyze DIR` fail for the whole folder."""
-    from modewatch import logfile
+    from modewatch import writer
 
     def full(self):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(logfile.LogWriter, "flush", full)
+    monkeypatch.setattr(writer.LogWriter, "flush", full)
     with pytest.raises(modewatch.LogPathError, match="No space left on device"):
         modewatch.watch(Net(), log=tmp_path / "run.jsonl")
     assert os.listdir(tmp_path) == []
