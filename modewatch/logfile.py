@@ -141,6 +141,9 @@ class LogWriter:
 MAX_LINE = 8 << 20  # bytes; a longer line is skipped, never held whole
 MAX_TABLE = 200_000  # entries per id table; past it, definitions are skipped
 MAX_TEXT = 4096  # characters of a name or path that are kept
+# The largest integer any field may hold (int64): sums of such counts stay far below Python's
+# int-to-str digit limit, so no report can fail to print them, and p always converts to float.
+MAX_INT = (1 << 63) - 1
 
 
 class Header(NamedTuple):
@@ -227,7 +230,7 @@ class _Bad(Exception):
 
 
 def _int(value: Any, low: int = 0) -> int:
-    if type(value) is not int or value < low:
+    if type(value) is not int or not low <= value <= MAX_INT:
         raise _Bad
     return value
 
@@ -255,7 +258,10 @@ def _bool(value: Any) -> bool:
 def _opt_float(value: Any) -> Optional[float]:
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if type(value) is int:
+        if not -MAX_INT <= value <= MAX_INT:  # float() of a larger one may overflow
+            raise _Bad
+    elif type(value) is not float or not math.isfinite(value):
         raise _Bad
     return float(value)
 
@@ -399,12 +405,17 @@ class LogReader:
             call, scope = event.get("call"), event.get("scope")
             if call not in ("train", "eval") or scope not in SCOPES:
                 raise _Bad
-            site = event.get("site")
+            site, kept = event.get("site"), event.get("kept")
+            if kept is not None:
+                # The call that set the mode, never a chain: every stored mode's `kept` is already
+                # such a call, so one look resolves any chain, however long (the writer, too,
+                # writes the original call).
+                kept = self._ref(self._modes, kept)
+                kept = kept if kept.kept is None else kept.kept
             self._define(self._modes, _int(event.get("id")), ModeSet(
                 site=None if site is None else self._ref(self._sites, site), call=call,
                 mode=_bool(event.get("mode")), target=_opt_text(event.get("target")), scope=scope,
-                initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")),
-                kept=None if event.get("kept") is None else self._ref(self._modes, event.get("kept")),
+                initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")), kept=kept,
             ))
         elif kind == "context":
             allow = event.get("allow")
@@ -417,7 +428,7 @@ class LogReader:
         elif kind == "end":
             self.ended = True
             steps = event.get("steps")
-            self.steps = steps if type(steps) is int and steps >= 0 else None
+            self.steps = steps if type(steps) is int and 0 <= steps <= MAX_INT else None
         elif kind == HEADER_EVENT:
             raise _Bad  # a second header: two logs written into one file
         # Other events are from a newer minor writer of the same schema: ignored on purpose.
@@ -443,7 +454,8 @@ class LogReader:
         counts = tuple(row[8:])  # first_step, last_step, first_forward, forwards, calls
         first, last, first_fwd, forwards, calls = counts
         if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
-                and 0 <= first <= last and first_fwd >= 0 and forwards >= 1 and calls >= 1):
+                and 0 <= first <= last <= MAX_INT and 0 <= first_fwd <= MAX_INT and 1 <= forwards <= MAX_INT
+                and 1 <= calls <= MAX_INT):
             return _new_calls(Calls, state + counts)
         raise _Bad
 

@@ -1,0 +1,48 @@
+"""Logs are untrusted input (docs/threat-model.md): whoever analyzes a log they did not write
+discloses no file, gets no terminal or markup injected, and gets an answer (exit 0, 1 or 2, never
+a traceback) in bounded time, whatever the log holds."""
+
+import subprocess
+import sys
+import time
+
+from modewatch.cli import main
+from test_logfile import DEFINITIONS, HEADER, row, write
+
+
+def cli(*args, timeout=60, cwd=None):
+    """``python -m modewatch ARGS`` in a child process, where a hang, a crash or a real stdout's
+    encoder cannot be hidden: (exit status, stdout, stderr, seconds)."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "modewatch", *args], capture_output=True, timeout=timeout,
+                            cwd=cwd)
+    return (result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"),
+            time.monotonic() - start)
+
+
+# ----------------------------------------------------------------------------- bounded time
+
+def test_a_long_chain_of_kept_mode_calls_is_resolved_once(tmp_path):
+    """150,000 `mode` definitions each keeping the previous one, then 50,000 rows using the last:
+    analyzed in seconds (it crashed the interpreter, and time grew as chain x rows)."""
+    chain = [dict(DEFINITIONS[3], id=i, **({"kept": i - 1} if i else {})) for i in range(150_000)]
+    rows = [row(s, s)[:5] + [149_999] + row(s, s)[6:] for s in range(50_000)]
+    log = write(tmp_path / "chain.jsonl", [HEADER, *DEFINITIONS[:3], *chain, {"event": "calls", "rows": rows}])
+    code, out, err, seconds = cli("analyze", log)
+    assert (code, err) == (1, "") and "train-without-dropout" in out
+    assert seconds < 40, seconds  # about 3 s here
+
+
+# ----------------------------------------------------------------------------- damaged input
+
+def test_huge_numbers_are_skipped_lines(tmp_path, capsys):
+    """An integer of 400 digits as dropout p, and counts whose sum would pass Python's int-to-str
+    digit limit, are damaged rows: skipped and counted, never a traceback."""
+    huge = 10 ** 4299
+    bad_rows = [[0, 3, 2, None, 10 ** 400, 0, 0, 0, 1, 1, 1, 1, 1]] + [row(1, 2)[:12] + [huge]] * 3
+    log = write(tmp_path / "a.jsonl", [HEADER, *DEFINITIONS, {"event": "calls", "rows": [row(1, 9, 5)]}]
+                + [{"event": "calls", "rows": [bad]} for bad in bad_rows])
+    for fmt in ("text", "json"):
+        assert main(["analyze", log, "--format", fmt]) == 1
+    out = capsys.readouterr().out
+    assert "note: 4 damaged or cut-off log line(s) were skipped" in out and '"skipped_lines": 4' in out
