@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from typing import IO, Any, Iterator, NamedTuple, Optional
 
 import structlog
@@ -269,9 +270,10 @@ def _opt_float(value: Any) -> Optional[float]:
 class LogReader:
     """Iterates over one log: yields the Header first, then one Calls per row.
 
-    Raises LogFormatError (before yielding anything) when the file is missing, unreadable, empty,
-    not a modewatch log, or of a schema this version cannot read. After iteration, ``skipped``
-    counts lines that were not understood and ``truncated`` says whether the last one was cut off.
+    Raises LogFormatError (before yielding anything) when the file is missing, unreadable,
+    neither a regular file nor a pipe, empty, not a modewatch log, or of a schema this version
+    cannot read. After iteration, ``skipped`` counts lines that were not understood and
+    ``truncated`` says whether the last one was cut off.
     """
 
     def __init__(self, path: str):
@@ -297,15 +299,7 @@ class LogReader:
         self._states.clear()  # resolved rows may refer to what this redefines
 
     def __iter__(self) -> Iterator[Any]:
-        try:
-            file = open(self.path, "rb")  # noqa: SIM115 - closed below
-        except IsADirectoryError:
-            raise LogFormatError(f"{self.path}: is a directory, not a log") from None
-        except FileNotFoundError:
-            raise LogFormatError(f"{self.path}: no such file") from None
-        except OSError as exc:
-            raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
-        with file:
+        with open_log(self.path) as file:
             lines = self._lines(file)
             first = next(lines, _END)
             if first is _END:
@@ -348,7 +342,7 @@ class LogReader:
             if not raw.endswith(b"\n"):
                 if len(raw) >= MAX_LINE:  # an overlong line: drop the rest of it unread
                     while (more := file.readline(MAX_LINE)) and not more.endswith(b"\n"):
-                        pass
+                        self.bytes_read += len(more)
                     yield None
                     continue
                 self.truncated = True  # the last line, cut off (a killed job)
@@ -481,6 +475,43 @@ def _parse(raw: bytes) -> Optional[dict]:
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
+
+
+def open_log(path: str) -> IO[bytes]:
+    """The log at ``path``, opened for its one reading pass; LogFormatError naming it otherwise.
+
+    A log is a regular file, or a pipe named on the command line (``<(zcat run.jsonl.gz)``),
+    read once, to its writer's end. Anything else (/dev/zero, a socket) is refused before it is
+    opened, and what was opened is checked again. Opening never blocks: a FIFO that no process
+    writes to reads as empty instead of waiting forever for a writer.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise LogFormatError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a lone surrogate in the name
+        raise LogFormatError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise LogFormatError(f"{path}: is a directory, not a log")
+    _check_kind(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode  # what was opened: the name may point elsewhere by now
+        _check_kind(path, mode)
+        if stat.S_ISFIFO(mode):
+            os.set_blocking(fd, True)  # from here on a stream, read until its writer closes it
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_kind(path: str, mode: int) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise LogFormatError(f"{path}: not a regular file")
 
 
 def is_log_name(name: str) -> bool:

@@ -2,9 +2,12 @@
 discloses no file, gets no terminal or markup injected, and gets an answer (exit 0, 1 or 2, never
 a traceback) in bounded time, whatever the log holds."""
 
+import os
 import subprocess
 import sys
 import time
+
+import pytest
 
 from modewatch.cli import main
 from test_logfile import DEFINITIONS, HEADER, row, write
@@ -31,6 +34,22 @@ def test_a_long_chain_of_kept_mode_calls_is_resolved_once(tmp_path):
     code, out, err, seconds = cli("analyze", log)
     assert (code, err) == (1, "") and "train-without-dropout" in out
     assert seconds < 40, seconds  # about 3 s here
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
+def test_a_device_is_refused_at_once(device):
+    """/dev/zero and /dev/full (endless input) are not logs: exit 2 at once, one line."""
+    code, out, err, seconds = cli("analyze", device, timeout=30)
+    assert (code, out) == (2, "") and err == f"modewatch: error: {device}: not a regular file " \
+                                             f"(see modewatch's docs/errors.md#bad-log)\n"
+
+
+def test_a_fifo_with_no_writer_does_not_hang(tmp_path):
+    """A FIFO nobody writes to reads as empty (exit 2) instead of waiting for a writer forever."""
+    fifo = tmp_path / "waiting.jsonl"
+    os.mkfifo(fifo)
+    code, _, err, _ = cli("analyze", os.fspath(fifo), timeout=30)
+    assert code == 2 and "waiting.jsonl: is empty" in err
 
 
 # ----------------------------------------------------------------------------- damaged input
