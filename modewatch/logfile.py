@@ -145,6 +145,8 @@ MAX_TEXT = 4096  # characters of a name or path that are kept
 # The largest integer any field may hold (int64): sums of such counts stay far below Python's
 # int-to-str digit limit, so no report can fail to print them, and p always converts to float.
 MAX_INT = (1 << 63) - 1
+# A killed job cuts its last line mid-way; that line begins like every line the writer writes.
+EVENT_START = b'{"event":"'
 
 
 class Header(NamedTuple):
@@ -230,6 +232,10 @@ class _Bad(Exception):
     """A line or field that is not what the format says (counted, then skipped)."""
 
 
+class _Full(_Bad):
+    """A well-formed definition past MAX_TABLE: skipped and counted, but not damage."""
+
+
 def _int(value: Any, low: int = 0) -> int:
     if type(value) is not int or not low <= value <= MAX_INT:
         raise _Bad
@@ -270,10 +276,12 @@ def _opt_float(value: Any) -> Optional[float]:
 class LogReader:
     """Iterates over one log: yields the Header first, then one Calls per row.
 
-    Raises LogFormatError (before yielding anything) when the file is missing, unreadable,
-    neither a regular file nor a pipe, empty, not a modewatch log, or of a schema this version
-    cannot read. After iteration, ``skipped`` counts lines that were not understood and
-    ``truncated`` says whether the last one was cut off.
+    Raises LogFormatError before yielding anything when the file is missing, unreadable, neither
+    a regular file nor a pipe, empty, not a modewatch log, or of a schema this version cannot
+    read; and after the last record when the log is mostly damaged: more damaged lines than
+    good ones after the header, a killed job's cut-off last line not counted. After iteration,
+    ``skipped`` counts what was not understood and ``truncated`` says whether the last line was
+    cut off.
     """
 
     def __init__(self, path: str):
@@ -284,6 +292,11 @@ class LogReader:
         self.steps: Optional[int] = None  # optimizer steps, from the closing event
         self.bytes_read = 0  # for progress reports on long analyses
         self.header: Optional[Header] = None
+        self.good_lines = 0  # lines after the header that were understood
+        self.bad_lines = 0  # lines after the header that were not (a killed job's last one aside)
+        self.first_bad_line: Optional[int] = None
+        self._line = 0  # the number of the line being read
+        self._cut = False  # that line is a killed job's cut-off last line
         self._layers: dict = {}
         self._sites: dict = {}
         self._modes: dict = {}
@@ -294,7 +307,7 @@ class LogReader:
     # rows that refer to them are skipped, which keeps memory bounded for any input.
     def _define(self, table: dict, key: int, value: Any) -> None:
         if len(table) >= MAX_TABLE and key not in table:
-            raise _Bad
+            raise _Full
         table[key] = value
         self._states.clear()  # resolved rows may refer to what this redefines
 
@@ -310,16 +323,38 @@ class LogReader:
             for event in lines:
                 # Rows inline (not through _read_event): this loop is most of an analysis.
                 if type(event) is dict and event.get("event") == "calls" and type(event.get("rows")) is list:
-                    for row in event["rows"]:
+                    rows, skipped = event["rows"], self.skipped
+                    for row in rows:
                         try:
                             yield read_row(row)
                         except _Bad:
                             self.skipped += 1
+                    bad = self.skipped - skipped
+                    self._judge(bad > len(rows) - bad)  # a calls line is damaged when most rows are
                     continue
                 try:
-                    self._read_event(event)
+                    understood = self._read_event(event)
+                except _Full:
+                    self.skipped += 1  # well-formed, past the table's bound: not damage
                 except _Bad:
                     self.skipped += 1
+                    self._judge(True)
+                else:
+                    if understood:
+                        self._judge(False)
+        if self.bad_lines > self.good_lines:
+            raise LogFormatError(
+                f"{self.path}: mostly damaged: {self.bad_lines:,} of {self.bad_lines + self.good_lines:,} lines "
+                f"after the header cannot be read (the first: line {self.first_bad_line}); not analyzed")
+
+    def _judge(self, damaged: bool) -> None:
+        """Count a line after the header, good or damaged, for the mostly-damaged rule."""
+        if not damaged:
+            self.good_lines += 1
+        elif not self._cut:
+            self.bad_lines += 1
+            if self.first_bad_line is None:
+                self.first_bad_line = self._line
 
     def feed(self, event: dict) -> list:
         """The records of one event handed over directly, not read from a file: a live analysis
@@ -338,6 +373,7 @@ class LogReader:
                 raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
             if not raw:
                 return
+            self._line += 1
             self.bytes_read += len(raw)
             if not raw.endswith(b"\n"):
                 if len(raw) >= MAX_LINE:  # an overlong line: drop the rest of it unread
@@ -345,7 +381,9 @@ class LogReader:
                         self.bytes_read += len(more)
                     yield None
                     continue
-                self.truncated = True  # the last line, cut off (a killed job)
+                self.truncated = True  # the last line, cut off
+                # A killed job's, if it begins as the writer begins every line; else junk.
+                self._cut = raw.startswith(EVENT_START) or EVENT_START.startswith(raw)
             if raw.strip():
                 yield _parse(raw)
 
@@ -373,8 +411,9 @@ class LogReader:
         except _Bad:
             raise LogFormatError(f"{self.path}: its modewatch header is damaged") from None
 
-    def _read_event(self, event: Optional[dict]) -> None:
-        """A definition or closing event (rows are read by __iter__)."""
+    def _read_event(self, event: Optional[dict]) -> bool:
+        """A definition or closing event (rows are read by __iter__); False for an event of a
+        newer writer, ignored on purpose."""
         if not isinstance(event, dict):
             raise _Bad
         kind = event.get("event")
@@ -425,7 +464,9 @@ class LogReader:
             self.steps = steps if type(steps) is int and 0 <= steps <= MAX_INT else None
         elif kind == HEADER_EVENT:
             raise _Bad  # a second header: two logs written into one file
-        # Other events are from a newer minor writer of the same schema: ignored on purpose.
+        else:
+            return False  # an event of a newer minor writer of the same schema: ignored on purpose
+        return True
 
     @staticmethod
     def _ref(table: dict, key: Any) -> Any:

@@ -65,3 +65,15 @@ def test_huge_numbers_are_skipped_lines(tmp_path, capsys):
         assert main(["analyze", log, "--format", fmt]) == 1
     out = capsys.readouterr().out
     assert "note: 4 damaged or cut-off log line(s) were skipped" in out and '"skipped_lines": 4' in out
+
+
+def test_a_mostly_damaged_log_is_an_input_error(tmp_path, capsys):
+    """A valid header followed by 1 MB of junk is not 'no problems': exit 2, naming the file and
+    its first bad line. A killed job's cut-off last line alone is not damage."""
+    junk = bytes((i * 7919 + 13) % 251 for i in range(1 << 20))
+    log = write(tmp_path / "junk.jsonl", [HEADER], junk)
+    assert main(["analyze", log]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.jsonl: mostly damaged" in err and "(the first: line 2)" in err
+    cut = write(tmp_path / "cut.jsonl", [HEADER], b'{"event":"calls","rows":[[0,3,')
+    assert main(["analyze", cut]) == 0
