@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import modewatch
 from modewatch.cli import main
 from test_logfile import DEFINITIONS, HEADER, row, write
 
@@ -34,6 +35,32 @@ def test_a_long_chain_of_kept_mode_calls_is_resolved_once(tmp_path):
     code, out, err, seconds = cli("analyze", log)
     assert (code, err) == (1, "") and "train-without-dropout" in out
     assert seconds < 40, seconds  # about 3 s here
+
+
+def rank_log(path, rank, ranks, steps, phase):
+    """A rank's log: two layers trained every step, the mode switching every step (train mode on
+    even steps, or on odd ones with ``phase``)."""
+    header = dict(HEADER, rank=rank, world_size=ranks)
+    layers = [dict(DEFINITIONS[0], id=i, name=f"module.drop{i}") for i in range(2)]
+    rows = [[layer, 3, 2 | ((s + phase) % 2 == 0), None, 0.5, 0, 0, 0, s, s, s, 1, 1]
+            for s in range(steps) for layer in range(2)]
+    return write(path, [header, *layers, *DEFINITIONS[1:], {"event": "calls", "rows": rows}])
+
+
+def test_rank_mode_mismatch_time_is_not_quadratic(tmp_path):
+    """4 ranks x 2 layers alternating modes every step, out of phase (a mismatch at every step):
+    analyzed in about a second (it took minutes: every span of a rank against every span of the
+    others)."""
+    for rank in range(4):
+        rank_log(tmp_path / f"rank{rank}.jsonl", rank, 4, 8000, rank % 2)
+    start = time.process_time()
+    analysis = modewatch.analyze(os.fspath(tmp_path))
+    seconds = time.process_time() - start
+    mismatches = [f for f in analysis.findings if f.rule == "rank-mode-mismatch"]
+    assert sorted(f.rank for f in mismatches) == [0, 1, 2, 3]
+    assert all((f.first_step, f.last_step, f.count) == ((1, 7999, 8000) if f.rank % 2 == 0 else (0, 7998, 8000))
+               for f in mismatches)
+    assert seconds < 15, seconds  # about 1.5 s here
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
