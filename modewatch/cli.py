@@ -13,10 +13,15 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from ._version import __version__
-from .errors import ModewatchError
+from .errors import LogFormatError, ModewatchError
 from .rules import RULES
 
 OK, FINDINGS, USAGE = 0, 1, 2
+
+
+def _error(message: str) -> None:
+    """One line on stderr."""
+    sys.stderr.write(f"modewatch: error: {message}\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,17 +86,28 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
 def _report(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .report import html_report
-    from .timeline import collect
+    from .timeline import Timeline
 
-    document = html_report(analyze(*args.paths), collect(args.paths))
+    timeline = Timeline()
+    analysis = analyze(*args.paths, tap=timeline)  # one pass over each log feeds both
+    document = html_report(analysis, timeline)
     try:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(document)
     except OSError as exc:
-        sys.stderr.write(f"modewatch: error: cannot write {args.output}: {exc.strerror or exc}\n")
+        _error(f"cannot write {args.output}: {exc.strerror or exc}")
         return USAGE
     sys.stdout.write(f"modewatch: report written to {args.output} ({len(document.encode()) / 1024:.0f} KiB)\n")
-    return OK
+    return _bad_logs(analysis) or OK
+
+
+def _bad_logs(analysis: object) -> int:
+    """Name each log of a directory that could not be analyzed, one line each: exit 2, which
+    wins over findings (the rest was reported all the same)."""
+    bad = getattr(analysis, "summary", {}).get("bad_logs", [])
+    for message in bad:
+        _error(str(LogFormatError(message)))
+    return USAGE if bad else OK
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -103,7 +119,8 @@ def _analyze(args: argparse.Namespace) -> int:
         sys.stderr.write("\r\x1b[K")  # clear the progress line, if one was shown
     report = getattr(reporters, f"{args.format}_report")(result)
     sys.stdout.write(report if report.endswith("\n") else report + "\n")
-    return FINDINGS if result.failing(args.fail_on) else OK
+    sys.stdout.flush()  # the report first, then what was left out of it
+    return _bad_logs(result) or (FINDINGS if result.failing(args.fail_on) else OK)
 
 
 RUN_USAGE = "usage: modewatch run [--log PATH] script.py [args...]  |  modewatch run [--log PATH] -m module [args...]"
@@ -185,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _report(args)
         return _analyze(args)
     except ModewatchError as exc:
-        sys.stderr.write(f"modewatch: error: {exc}\n")
+        _error(str(exc))
         return USAGE
     except BrokenPipeError:  # `modewatch analyze ... | head`
         return OK

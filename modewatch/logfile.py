@@ -281,11 +281,12 @@ class LogReader:
     read; and after the last record when the log is mostly damaged: more damaged lines than
     good ones after the header, a killed job's cut-off last line not counted. After iteration,
     ``skipped`` counts what was not understood and ``truncated`` says whether the last line was
-    cut off.
+    cut off. ``pipes=False`` refuses pipes too (a FIFO found in a folder is not a log).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, pipes: bool = True):
         self.path = path
+        self.pipes = pipes
         self.skipped = 0
         self.truncated = False
         self.ended = False  # the writer closed the log properly
@@ -312,7 +313,7 @@ class LogReader:
         self._states.clear()  # resolved rows may refer to what this redefines
 
     def __iter__(self) -> Iterator[Any]:
-        with open_log(self.path) as file:
+        with open_log(self.path, self.pipes) as file:
             lines = self._lines(file)
             first = next(lines, _END)
             if first is _END:
@@ -518,7 +519,7 @@ def _parse(raw: bytes) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def open_log(path: str) -> IO[bytes]:
+def open_log(path: str, pipes: bool = True) -> IO[bytes]:
     """The log at ``path``, opened for its one reading pass; LogFormatError naming it otherwise.
 
     A log is a regular file, or a pipe named on the command line (``<(zcat run.jsonl.gz)``),
@@ -534,14 +535,14 @@ def open_log(path: str) -> IO[bytes]:
         raise LogFormatError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     if stat.S_ISDIR(mode):
         raise LogFormatError(f"{path}: is a directory, not a log")
-    _check_kind(path, mode)
+    _check_kind(path, mode, pipes)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode  # what was opened: the name may point elsewhere by now
-        _check_kind(path, mode)
+        _check_kind(path, mode, pipes)
         if stat.S_ISFIFO(mode):
             os.set_blocking(fd, True)  # from here on a stream, read until its writer closes it
         return os.fdopen(fd, "rb")
@@ -550,8 +551,8 @@ def open_log(path: str) -> IO[bytes]:
         raise
 
 
-def _check_kind(path: str, mode: int) -> None:
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+def _check_kind(path: str, mode: int, pipes: bool) -> None:
+    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
         raise LogFormatError(f"{path}: not a regular file")
 
 
@@ -561,15 +562,20 @@ def is_log_name(name: str) -> bool:
 
 
 def expand_paths(paths: list) -> list:
-    """Files named, plus the logs (``*.jsonl``) directly inside each directory named, sorted."""
+    """``(path, named)`` for each file named (``named``: True) and each log (``*.jsonl``) directly
+    inside each directory named (False), in order; a directory's logs sorted."""
     found = []
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            logs = sorted(os.path.join(path, n) for n in os.listdir(path) if is_log_name(n))
+            try:
+                names = os.listdir(path)
+            except OSError as exc:
+                raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            logs = sorted(os.path.join(path, n) for n in names if is_log_name(n))
             if not logs:
                 raise LogFormatError(f"{path}: directory holds no modewatch log (*.jsonl)")
-            found.extend(logs)
+            found.extend((log, False) for log in logs)
         else:
-            found.append(path)
+            found.append((path, True))
     return found

@@ -81,6 +81,22 @@ class Timelines:
         if spans is not None:
             spans.append(_Span(calls, log_index))
 
+    def absorb(self, other: "Timelines") -> None:
+        """Add the spans of ``other`` (those of one more log), as its rows would have been: only
+        its first span of each list can extend the last one here; the others stay as they are."""
+        self.dropped |= other.dropped
+        for name in self.dropped & self.layers.keys():
+            self.size -= self.layers.pop(name).size
+        for name, layer in other.layers.items():
+            for rank, pairs in layer.train.items():
+                for i in range(0, len(pairs), 2):
+                    self._train(name, rank, pairs[i], pairs[i + 1], join=not i)
+            for rank, spans in layer.eval.items():
+                for i, span in enumerate(spans):
+                    kept = self._eval(name, rank, span.first, span.last, span.calls, span.forwards, join=not i)
+                    if kept is not None:
+                        kept.append(span)
+
     def _layer(self, name: str) -> Optional[_Layer]:
         if name in self.dropped:
             return None
@@ -89,27 +105,28 @@ class Timelines:
             layer = self.layers[name] = _Layer()
         return layer
 
-    def _train(self, name: str, rank: int, first: int, last: int) -> None:
+    def _train(self, name: str, rank: int, first: int, last: int, join: bool = True) -> None:
         layer = self._layer(name)
         if layer is None:
             return
         pairs = layer.train.get(rank)
         if pairs is None:
             pairs = layer.train[rank] = array("q")
-        if pairs and first <= pairs[-1] + 1 and last >= pairs[-2] - 1:  # extends the last span
+        if join and pairs and first <= pairs[-1] + 1 and last >= pairs[-2] - 1:  # extends the last span
             pairs[-2], pairs[-1] = min(pairs[-2], first), max(pairs[-1], last)
         elif self._room(name, layer, len(pairs) // 2):
             pairs.append(first)
             pairs.append(last)
 
-    def _eval(self, name: str, rank: int, first: int, last: int, calls: int, forwards: int) -> Optional[list]:
-        """Extend the rank's last span in eval mode; or return the list a new one goes in (None:
-        no room, or the layer is no longer compared)."""
+    def _eval(self, name: str, rank: int, first: int, last: int, calls: int, forwards: int,
+              join: bool = True) -> Optional[list]:
+        """Extend the rank's last span in eval mode (if ``join``); or return the list a new one
+        goes in (None: no room, or the layer is no longer compared)."""
         layer = self._layer(name)
         if layer is None:
             return None
         spans = layer.eval.setdefault(rank, [])
-        span = spans[-1] if spans else None
+        span = spans[-1] if spans and join else None
         if span is not None and first <= span.last + 1 and last >= span.first - 1:
             span.first, span.last = min(span.first, first), max(span.last, last)
             span.calls += calls

@@ -59,6 +59,9 @@ def text_report(analysis: Analysis) -> str:
         f"{counts.get('info', 0)} info in {logs} log{'s' if logs != 1 else ''} "
         f"({summary.get('steps', 0):,} optimizer steps, {summary.get('layer_calls', 0):,} layer calls)"
     ]
+    if summary.get("bad_logs"):
+        lines.append(f"note: {len(summary['bad_logs'])} log(s) could not be analyzed and were left out "
+                     f"(each is named on stderr)")
     if summary.get("skipped_lines"):
         lines.append(f"note: {summary['skipped_lines']} damaged or cut-off log line(s) were skipped")
     for path in summary.get("truncated_logs", []):
@@ -71,8 +74,7 @@ def text_report(analysis: Analysis) -> str:
         lines.append("note: no Dropout/BatchNorm call was recorded: no watched model ran one (under MODEWATCH=1, "
                      "models are found at their first .train()/.eval() call or when an optimizer is made for them)")
     if not analysis.findings:
-        lines.append("No mode problems found.")
-        return "\n".join(lines) + "\n"
+        lines.append("No mode problems found." if logs else "No log was analyzed.")
     for headline, findings in _by_cause(analysis).items():
         lines.append("")
         lines.append(f"{headline}:")
@@ -100,8 +102,11 @@ def markdown_report(analysis: Analysis) -> str:
     counts = analysis.summary.get("findings", {})
     lines = [f"## modewatch: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} warning(s), "
              f"{counts.get('info', 0)} info", ""]
+    bad = analysis.summary.get("bad_logs", [])
+    lines += [f"- Not analyzed: {_md(error)}" for error in bad] + ([""] if bad else [])
     if not analysis.findings:
-        return "\n".join(lines + ["No mode problems found.", ""])
+        done = "No mode problems found." if analysis.summary.get("logs", 0) else "No log was analyzed."
+        return "\n".join(lines + [done, ""])
     for headline, findings in _by_cause(analysis).items():
         lines += [f"**{_md(headline)}**", "", "| severity | rule | what happened | first forward |", "|---|---|---|---|"]
         for f in findings:
@@ -231,10 +236,12 @@ def html_report(analysis: Analysis, timeline: Any) -> str:
              f"<h1>modewatch {e(__version__)}: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} "
              f"warning(s), {counts.get('info', 0)} info</h1>",
              f"<p>{analysis.summary.get('logs', 0)} log(s), {analysis.summary.get('steps', 0):,} optimizer steps, "
-             f"{analysis.summary.get('layer_calls', 0):,} layer calls.</p>", "<h2>Findings</h2>"]
-    if not analysis.findings:
-        parts.append("<p>No mode problems found.</p>")
+             f"{analysis.summary.get('layer_calls', 0):,} layer calls.</p>"]
+    parts += [f"<p class=site>Not analyzed: {e(error)}</p>" for error in analysis.summary.get("bad_logs", [])]
+    parts.append("<h2>Findings</h2>")
     logs = analysis.summary.get("logs", 0)
+    if not analysis.findings:
+        parts.append("<p>No mode problems found.</p>" if logs else "<p>No log was analyzed.</p>")
     for f in analysis.findings:
         parts.append(f'<div class="finding {e(f.severity)}"><div><span class="rule">{e(f.severity)} '
                      f'{e(f.rule)}</span> — {e(_headline(f, logs))}</div><div>{e(f.message)}</div>'
@@ -246,9 +253,8 @@ def html_report(analysis: Analysis, timeline: Any) -> str:
     parts.append("<h2>Timeline</h2><p class=legend>" + "".join(
         f'<span><i style="background:{COLORS[state]}"></i>{e(name)}</span>' for state, name in STATE_NAMES.items())
         + f"</p><p class=site>Optimizer steps 0-{timeline.last_step:,}, left to right.</p><table class=timeline>")
-    for (label, name), spans in timeline.layers.items():
-        row_label = f"{label}: {name}" if label else name
-        parts.append(f"<tr><td>{e(row_label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
+    for label, spans in timeline.rows(logs):
+        parts.append(f"<tr><td>{e(label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
     parts.append("</table>")
     if timeline.dropped_layers:
         parts.append(f"<p class=site>{timeline.dropped_layers} more layer(s) not drawn.</p>")

@@ -2,9 +2,11 @@
 discloses no file, gets no terminal or markup injected, and gets an answer (exit 0, 1 or 2, never
 a traceback) in bounded time, whatever the log holds."""
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -12,6 +14,9 @@ import pytest
 import modewatch
 from modewatch.cli import main
 from test_logfile import DEFINITIONS, HEADER, row, write
+
+
+HOSTILE = "x\x1b[2J\x1b[H\x9b31mNo mode problems found.\r\x08\t\n\u202eevil\u2066\u200f\ud800"
 
 
 def cli(*args, timeout=60, cwd=None):
@@ -22,6 +27,14 @@ def cli(*args, timeout=60, cwd=None):
                             cwd=cwd)
     return (result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"),
             time.monotonic() - start)
+
+
+def hostile_log(path, name=HOSTILE, file="train.py", function="train"):
+    """A log of one train-without-dropout finding whose layer name and call site are ``name``,
+    ``file`` and ``function``."""
+    return write(path, [HEADER, dict(DEFINITIONS[0], name=name),
+                        dict(DEFINITIONS[1], file=file, function=function), *DEFINITIONS[2:],
+                        {"event": "calls", "rows": [row(1, 9, 5)]}])
 
 
 # ----------------------------------------------------------------------------- bounded time
@@ -72,11 +85,15 @@ def test_a_device_is_refused_at_once(device):
 
 
 def test_a_fifo_with_no_writer_does_not_hang(tmp_path):
-    """A FIFO nobody writes to reads as empty (exit 2) instead of waiting for a writer forever."""
+    """A FIFO nobody writes to: named, it reads as empty (exit 2); in a folder, it is named as
+    not a regular file and the folder's good log is still analyzed (exit 2)."""
     fifo = tmp_path / "waiting.jsonl"
     os.mkfifo(fifo)
     code, _, err, _ = cli("analyze", os.fspath(fifo), timeout=30)
     assert code == 2 and "waiting.jsonl: is empty" in err
+    hostile_log(tmp_path / "good.jsonl", name="drop")
+    code, out, err, _ = cli("analyze", os.fspath(tmp_path), timeout=30)
+    assert code == 2 and "waiting.jsonl: not a regular file" in err and "(in layer drop)" in out
 
 
 # ----------------------------------------------------------------------------- damaged input
@@ -104,3 +121,45 @@ def test_a_mostly_damaged_log_is_an_input_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "junk.jsonl: mostly damaged" in err and "(the first: line 2)" in err
     cut = write(tmp_path / "cut.jsonl", [HEADER], b'{"event":"calls","rows":[[0,3,')
     assert main(["analyze", cut]) == 0
+
+
+def test_the_report_reads_each_log_once(tmp_path):
+    """`modewatch report <(cat run.jsonl)`: a pipe can be read only once, and the report (findings
+    and timeline) comes from that one reading."""
+    data = open(hostile_log(tmp_path / "a.jsonl", name="drop"), "rb").read()
+    read_end, write_end = os.pipe()
+
+    def feed():
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        assert main(["report", f"/dev/fd/{read_end}", "-o", os.fspath(tmp_path / "r.html")]) == 0
+    finally:
+        writer.join()
+        os.close(read_end)
+    page = (tmp_path / "r.html").read_text()
+    assert "train-without-dropout" in page and "<td>drop</td>" in page
+
+
+def test_one_bad_log_in_a_directory_does_not_stop_the_others(tmp_path, capsys):
+    """A directory with a good log, a foreign file and a mostly damaged log: the good one is
+    reported on stdout, each bad one named on stderr, exit 2 (input error wins over findings).
+    The Python API leaves them out and names them in summary["bad_logs"]; a bad log named
+    directly still raises."""
+    hostile_log(tmp_path / "a-good.jsonl", name="drop")
+    (tmp_path / "b-foreign.jsonl").write_text("hello\n")
+    damaged = write(tmp_path / "c-damaged.jsonl", [HEADER, *DEFINITIONS], b"junk\n" * 10)
+    for fmt in ("text", "json"):
+        assert main(["analyze", os.fspath(tmp_path), "--format", fmt]) == 2
+        captured = capsys.readouterr()
+        assert "(in layer drop)" in captured.out
+        assert captured.err.count("\n") == 2
+        assert "b-foreign.jsonl: not a modewatch log" in captured.err and "c-damaged.jsonl: mostly" in captured.err
+    assert json.loads(captured.out)["summary"]["logs"] == 1
+    analysis = modewatch.analyze(os.fspath(tmp_path))
+    assert len(analysis.findings) == 1 and len(analysis.summary["bad_logs"]) == 2
+    with pytest.raises(modewatch.LogFormatError, match="c-damaged.jsonl: mostly damaged"):
+        modewatch.analyze(damaged)
