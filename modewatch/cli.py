@@ -15,18 +15,20 @@ from typing import Callable, Optional, Sequence
 from ._version import __version__
 from .errors import LogFormatError, ModewatchError
 from .rules import RULES
+from .safetext import neutralise
 
 OK, FINDINGS, USAGE = 0, 1, 2
 
 
 def _error(message: str) -> None:
-    """One line on stderr."""
-    sys.stderr.write(f"modewatch: error: {message}\n")
+    """One line on stderr. Messages name files, and a file's name is text from outside."""
+    sys.stderr.write(f"modewatch: error: {neutralise(message)}\n")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's default is the same code)
-        self.exit(USAGE, f"modewatch: error: {message} (see 'modewatch {self.prog.split()[-1]} --help')\n")
+        _error(f"{message} (see 'modewatch {self.prog.split()[-1]} --help')")
+        self.exit(USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
         last[0] = now
         try:
             size = os.path.getsize(path)
-            sys.stderr.write(f"\rmodewatch: analyzing {os.path.basename(path)}: {100 * done // max(size, 1)}% "
+            sys.stderr.write(f"\rmodewatch: analyzing {neutralise(os.path.basename(path))}: "
+                             f"{100 * done // max(size, 1)}% "
                              f"({done / 1e6:.1f} of {size / 1e6:.1f} MB)\x1b[K")
             sys.stderr.flush()
         except (OSError, ValueError):
@@ -97,7 +100,8 @@ def _report(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot write {args.output}: {exc.strerror or exc}")
         return USAGE
-    sys.stdout.write(f"modewatch: report written to {args.output} ({len(document.encode()) / 1024:.0f} KiB)\n")
+    sys.stdout.write(neutralise(f"modewatch: report written to {args.output} "
+                                f"({len(document.encode()) / 1024:.0f} KiB)") + "\n")
     return _bad_logs(analysis) or OK
 
 

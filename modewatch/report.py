@@ -1,13 +1,21 @@
-"""Reporters: an Analysis in, a string out. No analysis happens here."""
+"""Reporters: an Analysis in, a string out. No analysis happens here.
+
+Every string that came from a log (names, paths, functions, messages built from them) passes
+through ``safetext.neutralise`` here, at the boundary, in every format: a log cannot put a
+control character, a bidi override or a lone surrogate into a terminal, a page or a file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
+from urllib.parse import quote
 
 from ._version import __version__
 from .analysis import Analysis, Finding, plural
+from .safetext import neutralise
 
 
 def json_report(analysis: Analysis) -> str:
@@ -17,7 +25,18 @@ def json_report(analysis: Analysis) -> str:
         "findings": [finding.as_dict() for finding in analysis.findings],
         "summary": analysis.summary,
     }
-    return json.dumps(document, indent=2)
+    return json.dumps(_neutral(document), indent=2)
+
+
+def _neutral(value: Any) -> Any:
+    """A document with every string in it neutralised (keys are modewatch's own)."""
+    if isinstance(value, str):
+        return neutralise(value)
+    if isinstance(value, dict):
+        return {key: _neutral(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_neutral(item) for item in value]
+    return value
 
 
 def _site(site: dict) -> str:
@@ -83,7 +102,8 @@ def text_report(analysis: Analysis) -> str:
             where = f"first at {_site(finding.forward_site)}" if finding.forward_site else "first at an unknown line"
             lines.append(f"  {'':<29} {plural(finding.count, 'layer call')}, {_steps(finding)}, {where}")
         lines += [f"  fix: {fix}" for fix in _fixes(findings)]
-    return "\n".join(lines) + "\n"
+    # Each element is one line of the report: neutralised whole, a newline inside a field shows.
+    return "".join(neutralise(line) + "\n" for line in lines)
 
 
 def _fixes(findings: list) -> list:
@@ -92,9 +112,16 @@ def _fixes(findings: list) -> list:
     return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or f.rule == "eval-with-grad"))
 
 
+# Markdown that text from a log could open: links and images ([...](...), ![...](...)), raw
+# HTML and autolinks (<...>), emphasis, headings, table cells, code spans. Each is
+# backslash-escaped (< as an entity), so it shows as written and opens nothing. (A `>` mid-line
+# opens nothing once `<` is escaped, and a field never starts a line.)
+_MARKDOWN = re.compile(r"([\\\[\]()!*_#|`~])")
+
+
 def _md(text: str) -> str:
-    """Text from a log, safe inside a Markdown table cell."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace("\n", " ")
+    """Text from a log, inert inside Markdown (a table cell, a heading in bold)."""
+    return _MARKDOWN.sub(r"\\\1", neutralise(text)).replace("<", "&lt;")
 
 
 def markdown_report(analysis: Analysis) -> str:
@@ -120,16 +147,17 @@ SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 
 
 def _sarif_location(site: dict) -> dict:
-    path = site["file"]
+    path = neutralise(site["file"])
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive (Windows)
         relative = path
-    inside = not relative.startswith("..") and not os.path.isabs(relative)
-    artifact = {"uri": relative.replace(os.sep, "/"), "uriBaseId": "%SRCROOT%"} if inside else {
-        "uri": "file://" + os.path.abspath(path).replace(os.sep, "/")}
+    inside = relative != os.pardir and not relative.startswith(os.pardir + os.sep) and not os.path.isabs(relative)
+    # URIs per RFC 3986: every character outside the unreserved set and "/" percent-encoded.
+    artifact = {"uri": quote(relative.replace(os.sep, "/"), safe="/"), "uriBaseId": "%SRCROOT%"} if inside else {
+        "uri": "file://" + quote(os.path.abspath(path).replace(os.sep, "/"), safe="/")}
     return {"physicalLocation": {"artifactLocation": artifact, "region": {"startLine": max(site["line"], 1)}},
-            "message": {"text": f"in {site['function']}()"}}
+            "message": {"text": f"in {neutralise(site['function'])}()"}}
 
 
 def sarif_report(analysis: Analysis) -> str:
@@ -146,9 +174,9 @@ def sarif_report(analysis: Analysis) -> str:
     for finding in analysis.findings:
         primary = finding.mode_site or finding.forward_site
         result = {"ruleId": finding.rule, "level": SARIF_LEVELS[finding.severity],
-                  "message": {"text": f"{finding.message} Fix: {finding.fix}"},
+                  "message": {"text": neutralise(f"{finding.message} Fix: {finding.fix}")},
                   "properties": {"count": finding.count, "first_step": finding.first_step,
-                                 "last_step": finding.last_step, "layers": finding.layers,
+                                 "last_step": finding.last_step, "layers": [neutralise(n) for n in finding.layers],
                                  "rank": finding.rank}}
         if primary:
             result["locations"] = [_sarif_location(primary)]
@@ -224,12 +252,14 @@ def _bar(spans: list, last_step: int) -> str:
 def html_report(analysis: Analysis, timeline: Any) -> str:
     """One self-contained HTML file (no script, no network): the findings with their call sites
     and source lines, and a timeline per watched layer over the optimizer steps. Everything that
-    comes from a log is escaped."""
+    comes from a log is neutralised and escaped."""
     import html
 
     from .timeline import STATE_NAMES
 
-    e = html.escape
+    def e(text: object) -> str:
+        return html.escape(neutralise(text))
+
     counts = analysis.summary.get("findings", {})
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>modewatch report</title>"
              f"<style>{STYLE}</style></head><body>",

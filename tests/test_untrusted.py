@@ -16,6 +16,17 @@ from modewatch.cli import main
 from test_logfile import DEFINITIONS, HEADER, row, write
 
 
+# The characters no report may pass on from a log: C0 controls (a report's own line breaks
+# aside), DEL, C1 controls, bidi controls and lone surrogates.
+BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unsafe(text):
+    """The characters of ``text`` that a terminal, a browser or an encoder would act on."""
+    return [c for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c in BIDI
+            or 0xD800 <= ord(c) <= 0xDFFF]
+
+
 HOSTILE = "x\x1b[2J\x1b[H\x9b31mNo mode problems found.\r\x08\t\n\u202eevil\u2066\u200f\ud800"
 
 
@@ -35,6 +46,75 @@ def hostile_log(path, name=HOSTILE, file="train.py", function="train"):
     return write(path, [HEADER, dict(DEFINITIONS[0], name=name),
                         dict(DEFINITIONS[1], file=file, function=function), *DEFINITIONS[2:],
                         {"event": "calls", "rows": [row(1, 9, 5)]}])
+
+
+# ----------------------------------------------------------------------------- what a report shows
+
+@pytest.mark.parametrize("fmt", ["text", "json", "markdown", "sarif"])
+def test_every_format_neutralises_what_the_log_says(tmp_path, capsys, fmt):
+    """Terminal escapes, C1 controls, CR, backspace, bidi overrides and lone surrogates in a layer
+    name, a file path or a function name reach no output: each shows as a visible escape."""
+    log = hostile_log(tmp_path / "a.jsonl", file=HOSTILE + ".py", function=HOSTILE)
+    assert main(["analyze", log, "--format", fmt]) == 1
+    out = capsys.readouterr().out
+    assert unsafe(out) == []
+    if fmt in ("json", "sarif"):
+        json.loads(out)
+        out = out.replace("\\\\", "\\")
+    assert "\\x1b" in out and "\\u202e" in out and "\\ud800" in out and "\\x0a" in out
+
+
+def test_html_report_neutralises_what_the_log_says(tmp_path):
+    """The HTML report: no bidi override or control character from the log, escaped markup."""
+    log = hostile_log(tmp_path / "a.jsonl", name=HOSTILE + "<b>", file=HOSTILE + ".py")
+    assert main(["report", log, "-o", os.fspath(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert unsafe(page) == [] and "\\u202e" in page and "&lt;b&gt;" in page
+
+
+def test_a_lone_surrogate_is_no_traceback_on_a_real_stdout(tmp_path):
+    """A lone surrogate in a layer name and in a file path: a real UTF-8 stdout prints the text
+    report (exit 1: a finding), with no traceback."""
+    log = hostile_log(tmp_path / "a.jsonl", name="drop\ud800", file="/tmp/x\udcff.py")
+    code, out, err, _ = cli("analyze", log)
+    assert (code, err) == (1, "") and "drop\\ud800" in out and "x\\udcff.py" in out
+
+
+def test_a_log_named_with_invalid_utf8_is_reported_safely(tmp_path):
+    """A log whose file name is not UTF-8 (bytes \\xff, \\x1b), found in a directory: its name
+    shows escaped in the report's notes, no traceback."""
+    folder = os.fsencode(tmp_path)
+    name = os.path.join(folder, b"run\xff\x1b.jsonl")
+    with open(name, "wb") as f:
+        f.write(json.dumps(HEADER).encode() + b"\n")  # not closed: a note names the log
+    code, out, err, _ = cli("analyze", os.fspath(tmp_path))
+    assert code == 0 and err == "" and "run\\udcff\\x1b.jsonl was not closed" in out
+
+
+def test_markdown_links_and_images_are_inert(tmp_path, capsys):
+    """A layer name holding a Markdown image or link (remote content in a CI job summary) prints
+    as text: no `![`, no `](`, no raw `<`."""
+    name = "![x](https://evil.example/p.png)[click](https://evil.example) <img src=x> **b** # h _i_"
+    log = hostile_log(tmp_path / "a.jsonl", name=name)
+    assert main(["analyze", log, "--format", "markdown"]) == 1
+    out = capsys.readouterr().out
+    assert "![" not in out and "](" not in out and "<img" not in out and "**b**" not in out
+    assert "\\!\\[x\\]\\(https://evil.example/p.png\\)" in out
+
+
+def test_sarif_file_uris_are_percent_encoded(tmp_path, monkeypatch, capsys):
+    """SARIF locations are URIs (RFC 3986): a space, a '#' or a non-ASCII letter in a path from
+    the log is percent-encoded, inside the working directory (relative) and outside it."""
+    monkeypatch.chdir(tmp_path)
+    events = [HEADER, dict(DEFINITIONS[1], file=os.fspath(tmp_path / "dir x" / "é.py")),
+              dict(DEFINITIONS[2], file="/elsewhere/a b#c.py"), DEFINITIONS[0], DEFINITIONS[3],
+              {"event": "calls", "rows": [row(1, 9, 5)]}]
+    assert main(["analyze", write(tmp_path / "a.jsonl", events), "--format", "sarif"]) == 1
+    (result,) = json.loads(capsys.readouterr().out)["runs"][0]["results"]
+    mode = result["locations"][0]["physicalLocation"]["artifactLocation"]
+    forward = result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]
+    assert mode == {"uri": "file:///elsewhere/a%20b%23c.py"}
+    assert forward == {"uri": "dir%20x/%C3%A9.py", "uriBaseId": "%SRCROOT%"}
 
 
 # ----------------------------------------------------------------------------- bounded time
