@@ -52,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "lines, and a timeline per watched layer.")
     report.add_argument("paths", nargs="+", metavar="LOG_OR_DIR")
     report.add_argument("-o", "--output", default="modewatch-report.html", metavar="FILE",
-                        help="where to write it (default: modewatch-report.html)")
+                        help="where to write it (default: modewatch-report.html; never one of the logs)")
+    report.add_argument("--source-root", action="append", default=[], metavar="DIR",
+                        help="a folder whose .py files the report may show (repeatable); the working "
+                             "directory and each log's folder always are")
     commands.add_parser("run", help="run a program instrumented, as MODEWATCH=1 would", usage=RUN_USAGE[7:],
                         description="Run a Python program with every model watched, as MODEWATCH=1 would.")
     return parser
@@ -88,21 +91,38 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
 
 def _report(args: argparse.Namespace) -> int:
     from .analysis import analyze
+    from .logfile import expand_paths
     from .report import html_report
+    from .sources import Sources
     from .timeline import Timeline
 
+    logs = [path for path, _ in expand_paths(args.paths)]
+    for log in logs:
+        if _same_file(args.output, log):
+            raise ModewatchError(f"{args.output}: is the log {log}; the report must go elsewhere (-o)",
+                                 "report-output")
     timeline = Timeline()
     analysis = analyze(*args.paths, tap=timeline)  # one pass over each log feeds both
-    document = html_report(analysis, timeline)
+    document = html_report(analysis, timeline, Sources.for_logs(logs, args.source_root))
     try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(document)
+        with open(args.output, "w", encoding="utf-8") as output:
+            output.write(document)
     except OSError as exc:
-        _error(f"cannot write {args.output}: {exc.strerror or exc}")
-        return USAGE
+        raise ModewatchError(f"cannot write {args.output}: {exc.strerror or exc}", "report-output") from None
     sys.stdout.write(neutralise(f"modewatch: report written to {args.output} "
                                 f"({len(document.encode()) / 1024:.0f} KiB)") + "\n")
     return _bad_logs(analysis) or OK
+
+
+def _same_file(output: str, log: str) -> bool:
+    """Whether writing ``output`` would overwrite ``log`` (through a link, or by another name)."""
+    try:
+        return os.path.samefile(output, log)
+    except (OSError, ValueError):  # no output file yet: compare where the names lead
+        try:
+            return os.path.realpath(output) == os.path.realpath(log)
+        except (OSError, ValueError):
+            return False
 
 
 def _bad_logs(analysis: object) -> int:

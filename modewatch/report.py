@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import quote
 
 from ._version import __version__
@@ -207,21 +207,20 @@ table.timeline{border-collapse:collapse}table.timeline td{padding:1px 6px;font-s
 """
 
 
-def _source(site: dict) -> str:
-    """The lines around a call site, when the source is at hand (escaped; nothing otherwise)."""
+def _source(site: dict, sources: Any) -> str:
+    """The lines around a call site, when the user allows that file to be shown (escaped), or
+    why it is not shown."""
     import html
-    import linecache
 
-    path, line = site["file"], site["line"]
-    if not os.path.isfile(path):
+    if sources is None:
         return ""
-    lines = []
-    for number in range(max(1, line - 2), line + 3):
-        text = linecache.getline(path, number).rstrip("\n")
-        if not text and number > line:
-            break
+    text = sources.lines(site["file"])
+    if isinstance(text, str):
+        return f'<div class="site">(source not shown: {html.escape(text)})</div>'
+    line, lines = site["line"], []
+    for number in range(max(1, line - 2), min(line + 3, len(text) + 1)):
         mark = ' class="here"' if number == line else ""
-        lines.append(f"<span{mark}>{number:5d}  {html.escape(text)}</span>")
+        lines.append(f"<span{mark}>{number:5d}  {html.escape(neutralise(text[number - 1]))}</span>")
     return "<pre>" + "\n".join(lines) + "</pre>" if lines else ""
 
 
@@ -249,10 +248,11 @@ def _bar(spans: list, last_step: int) -> str:
     return f'<svg width="{BUCKETS * 3}" height="12" role="img">{"".join(rects)}</svg>'
 
 
-def html_report(analysis: Analysis, timeline: Any) -> str:
+def html_report(analysis: Analysis, timeline: Any, sources: Optional[Any] = None) -> str:
     """One self-contained HTML file (no script, no network): the findings with their call sites
-    and source lines, and a timeline per watched layer over the optimizer steps. Everything that
-    comes from a log is neutralised and escaped."""
+    and source lines (those ``sources`` allows, a ``sources.Sources``), and a timeline per
+    watched layer over the optimizer steps. Everything that comes from a log is neutralised
+    and escaped."""
     import html
 
     from .timeline import STATE_NAMES
@@ -278,7 +278,7 @@ def html_report(analysis: Analysis, timeline: Any) -> str:
                      f'<div class="site">{f.count:,} layer calls, {e(_steps(f))}. Fix: {e(f.fix)}</div>')
         for title, site in (("mode set at", f.mode_site), ("model called at", f.forward_site)):
             if site:
-                parts.append(f'<div class="site">{title} {e(_site(site))}</div>{_source(site)}')
+                parts.append(f'<div class="site">{title} {e(_site(site))}</div>{_source(site, sources)}')
         parts.append("</div>")
     parts.append("<h2>Timeline</h2><p class=legend>" + "".join(
         f'<span><i style="background:{COLORS[state]}"></i>{e(name)}</span>' for state, name in STATE_NAMES.items())

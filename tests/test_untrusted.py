@@ -117,6 +117,55 @@ def test_sarif_file_uris_are_percent_encoded(tmp_path, monkeypatch, capsys):
     assert forward == {"uri": "dir%20x/%C3%A9.py", "uriBaseId": "%SRCROOT%"}
 
 
+def test_report_shows_source_only_from_allowed_folders(tmp_path, monkeypatch):
+    """The HTML report shows a file a log names only if it is a regular .py file of at most 2 MiB
+    inside the working directory, a log's folder or a --source-root (symlinks resolved), never
+    under /proc; otherwise it says why, and nothing of the file is in the page."""
+    work, logs, elsewhere = (tmp_path / name for name in ("work", "logs", "elsewhere"))
+    for folder in (work, logs, elsewhere):
+        folder.mkdir()
+    (elsewhere / "secret.py").write_text("TOKEN = 'outside-secret'\n")
+    (work / "notes.txt").write_text("notes-secret\n")
+    os.symlink(elsewhere / "secret.py", work / "link.py")  # inside by its name, outside in fact
+    with open(work / "big.py", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: costs no disk
+    os.mkfifo(work / "pipe.py")
+    (logs / "train.py").write_text("first = 1\nmodel.eval()\nlast = 3\n")
+    files = [elsewhere / "secret.py", work / "link.py", "/proc/self/environ", work / "notes.txt",
+             work / "big.py", work / "pipe.py", logs / "train.py"]
+    sites = [dict(DEFINITIONS[1], id=i, file=os.fspath(f), line=2) for i, f in enumerate(files)]
+    modes = [dict(DEFINITIONS[3], id=i, site=i) for i in range(len(files))]
+    rows = [row(1, 2)[:5] + [i, len(files) - 1] + row(1, 2)[7:] for i in range(len(files))]  # called in train.py
+    log = write(logs / "a.jsonl", [HEADER, DEFINITIONS[0], *sites, *modes, {"event": "calls", "rows": rows}])
+    monkeypatch.chdir(work)
+
+    assert main(["report", log, "-o", "r.html"]) == 0
+    page = (work / "r.html").read_text()
+    assert "secret" not in page.replace("secret.py", "")
+    assert page.count("(source not shown: outside the allowed folders)") == 3
+    for reason in ("not a .py file", "too large", "not a regular file"):
+        assert f"(source not shown: {reason})" in page
+    assert "model.eval()" in page  # the log's own folder is allowed
+
+    assert main(["report", log, "-o", "r.html", "--source-root", os.fspath(elsewhere)]) == 0
+    page = (work / "r.html").read_text()
+    assert page.count("TOKEN = &#x27;outside-secret&#x27;") == 2  # the file, and the link to it
+    assert page.count("(source not shown: outside the allowed folders)") == 1  # /proc, always
+
+
+def test_report_never_overwrites_a_log(tmp_path, capsys):
+    """`modewatch report LOG -o LOG` (by the same name, a link, or the log of a directory given)
+    is refused with exit 2, and the log is left as it was."""
+    log = hostile_log(tmp_path / "a.jsonl", name="drop")
+    before = open(log, "rb").read()
+    os.symlink(log, tmp_path / "link.html")
+    for paths, output in (([log], log), ([log], tmp_path / "link.html"), ([tmp_path], log)):
+        assert main(["report", *map(os.fspath, paths), "-o", os.fspath(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and err.count("the report must go elsewhere") == 3
+    assert open(log, "rb").read() == before
+
+
 # ----------------------------------------------------------------------------- bounded time
 
 def test_a_long_chain_of_kept_mode_calls_is_resolved_once(tmp_path):
