@@ -8,10 +8,12 @@ Imports no torch.
 from __future__ import annotations
 
 import collections
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from . import logfile, ranks as distributed
+from .errors import LogFormatError
 from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, Facts, ModeSet, Site
 from .rules import RULES, check_rules, severity_rank
 
@@ -153,30 +155,36 @@ class _Cause:
         order = (log_index, calls.first_step, calls.first_forward)
         if self.first_forward is None or order < self.first_forward:
             self.first_forward, self.forward_site = order, calls.site
-        name = calls.layer.name
-        if name in self.layers or len(self.layers) < MAX_LAYERS_PER_FINDING:
-            if name not in self.layers and len(self.layers) < 6:  # only the first six are shown
-                self.kinds[name] = calls.layer.kind
-            self.layers[name] = self.layers.get(name, 0) + calls.forwards
+        self._layer(calls.layer.name, calls.layer.kind, calls.forwards)
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
 
+    def _layer(self, name: str, kind: str, forwards: int) -> None:
+        if name in self.layers:
+            self.layers[name] += forwards
+        elif len(self.layers) < MAX_LAYERS_PER_FINDING:
+            self.layers[name] = forwards
+            self.kinds[name] = kind
+
     def absorb(self, other: "_Cause") -> None:
-        """Take in the calls of another cause that settled into the same finding."""
+        """Count the calls of ``other`` as if added here: the same cause in a later log, or a
+        cause that settled into the same finding (see Job.settled)."""
         self.count += other.count
         self.first_step = min(self.first_step, other.first_step)
         self.last_step = max(self.last_step, other.last_step)
         if other.first_forward < self.first_forward:
             self.first_forward, self.forward_site = other.first_forward, other.forward_site
         for name, forwards in other.layers.items():
-            if name in self.layers or len(self.layers) < MAX_LAYERS_PER_FINDING:
-                self.layers[name] = self.layers.get(name, 0) + forwards
-        for name, kind in other.kinds.items():
-            if len(self.kinds) < 6:
-                self.kinds.setdefault(name, kind)
-        if other.smallest_batch is not None and (self.smallest_batch is None or other.smallest_batch < self.smallest_batch):
+            self._layer(name, other.kinds[name], forwards)
+        if other.smallest_batch is not None and (self.smallest_batch is None
+                                                 or other.smallest_batch < self.smallest_batch):
             self.smallest_batch = other.smallest_batch
         self.rules |= other.rules
+
+    def copy(self) -> "_Cause":
+        twin = copy.copy(self)
+        twin.layers, twin.kinds, twin.rules = dict(self.layers), dict(self.kinds), set(self.rules)
+        return twin
 
     def finding(self, small_batch: int) -> Finding:
         batches = max(self.layers.values(), default=0)
@@ -373,7 +381,7 @@ def _detail(calls: Calls, rule: str) -> Any:
 
 
 def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,
-                log_index: int, causes: dict, summary: dict, seen: "_Seen") -> list:
+                log_index: int, causes: dict, counts: Any, seen: "_Seen") -> list:
     """The causes (made as needed) that calls in this state count towards. Logs of one
     distributed job meet by rank; other logs (separate runs) are kept apart; findings of
     different models never meet."""
@@ -388,7 +396,7 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
         cause = causes.get(key)
         if cause is None:
             if len(causes) >= MAX_CAUSES:
-                summary["dropped_causes"] += 1
+                counts.dropped_causes += 1
                 continue
             cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call, model, detail, seen)
         fed.append(cause)
@@ -489,49 +497,62 @@ def _settle(cause: _Cause, final: bool) -> Any:
     return rule, cause.severity, None
 
 
+class _OpenLog:
+    """What one log adds to a job, kept apart until the log is read to its end: a log found bad
+    halfway (mostly damaged) adds nothing."""
+
+    def __init__(self, path: str, rank: Optional[int], index: int, tap: Any, header: Any, facts: Facts):
+        self.path, self.rank, self.index = path, rank, index
+        self.causes: dict = {}
+        self.timelines = distributed.Timelines()
+        self.totals = [0, 0]  # layer calls, the latest step
+        self.dropped_causes = 0
+        self.seen = _Seen(facts)
+        self.tap = None if tap is None else tap.start_log(path, header)
+
+
 class Job:
     """The analysis of one or more logs (a job), fed one record at a time.
 
     ``analyze()`` feeds it from files; a live watcher (``watch(on_finding=...)``) feeds it the
-    same records as it makes them, so that both reach the same findings.
+    same records as it makes them, so that both reach the same findings. ``tap``, if given, is
+    fed the same records too, in the same pass (the HTML report's timeline): an object with
+    ``start_log(path, header) -> add(calls)``, ``end_log()`` and ``drop_log()``.
     """
 
-    def __init__(self, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH):
+    def __init__(self, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH, tap: Any = None):
         self.ignored = check_rules(ignore)
         self.small_batch = small_batch
-        self.causes: dict = {}
+        self.tap = tap
+        self.causes: dict = {}  # of the logs read to their end
         self.summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
-                        "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0, "logs_without_models": []}
+                        "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0, "bad_logs": [],
+                        "logs_without_models": []}
         self.timelines = distributed.Timelines()
         self.ranks: set = set()
         self.logs: list = []
+        self._open: Optional[_OpenLog] = None
 
     def start_log(self, path: str, header: Any, facts: Optional[Facts] = None) -> Callable[[Calls], None]:
         """Begin a log; returns the function that takes its records, one at a time. ``facts``
         (the reader's, filled in as it reads) settle the verdicts that wait for the whole log."""
-        self.logs.append(path)
         rank = logfile.job_rank(header)
-        if rank is not None:
-            self.ranks.add(rank)
-        index, small_batch, ignored, causes, summary = len(self.logs) - 1, self.small_batch, self.ignored, \
-            self.causes, self.summary
-        timelines = self.timelines
-        seen = _Seen(facts if facts is not None else Facts())
-        moved = seen.moved
+        log = self._open = _OpenLog(path, rank, len(self.logs), self.tap, header,
+                                    facts if facts is not None else Facts())
+        index, small_batch, ignored, causes, seen = log.index, self.small_batch, self.ignored, log.causes, log.seen
+        timelines, tap, totals, moved = log.timelines, log.tap, log.totals, log.seen.moved
         fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
-        self._path = path
-        self._last_step = last_step = [0]  # the latest step of the log, for the summary
         state_length = logfile.STATE_LENGTH
 
         def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
-            summary["layer_calls"] += calls.calls
-            if calls.last_step > last_step[0]:
-                last_step[0] = calls.last_step
+            totals[0] += calls.calls
+            if calls.last_step > totals[1]:
+                totals[1] = calls.last_step
             state = calls[:state_length]  # the state of the calls, without their counts and steps
             fed = fed_by_state.get(state)
             if fed is None:
                 seen.note_state(calls)
-                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, summary, seen)
+                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, log, seen)
                 if len(fed_by_state) < MAX_CAUSES:
                     fed_by_state[state] = fed
             for cause in fed:
@@ -540,27 +561,67 @@ class Job:
                 moved[calls.layer.model, calls.layer.name] += calls.forwards
             if rank is not None:
                 timelines.add(calls, rank, index)
+            if tap is not None:
+                tap(calls)
 
         return add
 
     def end_log(self, reader: logfile.LogReader) -> None:
+        """The log started last was read to its end: what it adds joins the job."""
+        log, self._open = self._open, None
+        self.logs.append(log.path)
+        if log.rank is not None:
+            self.ranks.add(log.rank)
         summary = self.summary
         summary["logs"] += 1
-        summary["steps"] = max(summary["steps"], self._last_step[0] if reader.steps is None else reader.steps)
+        summary["layer_calls"] += log.totals[0]
+        summary["steps"] = max(summary["steps"], log.totals[1] if reader.steps is None else reader.steps)
         summary["skipped_lines"] += reader.skipped
+        summary["dropped_causes"] += log.dropped_causes
         if reader.truncated:
-            summary["truncated_logs"].append(self._path)
+            summary["truncated_logs"].append(log.path)
         if not reader.ended:
-            summary["unclosed_logs"].append(self._path)
+            summary["unclosed_logs"].append(log.path)
         if reader.models == 0:
-            summary["logs_without_models"].append(self._path)
+            summary["logs_without_models"].append(log.path)
+        for key, cause in log.causes.items():
+            if key in self.causes:
+                self.causes[key].absorb(cause)
+            elif len(self.causes) < MAX_CAUSES:
+                self.causes[key] = cause
+            else:
+                summary["dropped_causes"] += 1
+        self.timelines.absorb(log.timelines)
+        if self.tap is not None:
+            self.tap.end_log()
+
+    def drop_log(self, error: LogFormatError) -> None:
+        """The log started last (if any) turned out bad: nothing of it stays; it is named in
+        ``summary["bad_logs"]``."""
+        log, self._open = self._open, None
+        if log is not None and self.tap is not None:
+            self.tap.drop_log()
+        self.summary["bad_logs"].append(error.message)
+
+    def _all_causes(self) -> dict:
+        """The causes of the logs read so far, and of the log being read (a live analysis)."""
+        if self._open is None or not self._open.causes:
+            return self.causes
+        causes = dict(self.causes)
+        for key, cause in self._open.causes.items():
+            if key in causes:
+                causes[key] = causes[key].copy()
+                causes[key].absorb(cause)
+            else:
+                causes[key] = cause
+        return causes
 
     def settled(self, final: bool = True) -> list:
         """The causes with their verdicts settled on the whole of each log, merged where several
         settle into one finding (the BatchNorm and Dropout layers of one EMA target, the layers of
         one frozen backbone)."""
         groups: dict = {}
-        for key, cause in self.causes.items():
+        for key, cause in self._all_causes().items():
             verdict = _settle(cause, final)
             if verdict is None or verdict is ...:
                 continue
@@ -611,27 +672,38 @@ class Job:
 
 
 def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH,
-            progress: Optional[Any] = None) -> Analysis:
+            progress: Optional[Any] = None, tap: Any = None) -> Analysis:
     """Analyze saved logs (files, or directories of `*.jsonl` logs) and return the findings.
 
     `ignore`: rule ids not to report. `small_batch`: the sample count under which
     `bn-small-batch` fires. `progress(path, bytes_read)`, if given, is called now and then
-    during a long analysis. Raises LogFormatError for a missing, unreadable or foreign file.
+    during a long analysis. Each log is read once.
+
+    Raises LogFormatError for a file named in `paths` that is missing, unreadable, not a regular
+    file or a pipe, foreign, or mostly damaged. A bad log found in a directory does not stop
+    the others: it is left out, and its error (one line naming it) is in
+    `summary["bad_logs"]`; `modewatch analyze` then exits 2 after reporting the rest.
     """
     if not paths:
         raise TypeError("modewatch.analyze() needs at least one log path")
-    job = Job(ignore, small_batch)
-    for path in logfile.expand_paths(list(paths)):
-        reader = logfile.LogReader(path)
-        records = iter(reader)
-        add = job.start_log(path, next(records), reader.facts)
-        if progress is None:
-            for calls in records:
-                add(calls)
-        else:
-            for rows, calls in enumerate(records, 1):
-                if not rows % 4096:
-                    progress(path, reader.bytes_read)
-                add(calls)
+    job = Job(ignore, small_batch, tap)
+    for path, named in logfile.expand_paths(list(paths)):
+        reader = logfile.LogReader(path, pipes=named)  # a FIFO in a folder is not a log
+        try:
+            records = iter(reader)
+            add = job.start_log(path, next(records), reader.facts)
+            if progress is None:
+                for calls in records:
+                    add(calls)
+            else:
+                for rows, calls in enumerate(records, 1):
+                    if not rows % 4096:
+                        progress(path, reader.bytes_read)
+                    add(calls)
+        except LogFormatError as error:
+            if named:
+                raise
+            job.drop_log(error)
+            continue
         job.end_log(reader)
     return job.result()

@@ -13,15 +13,22 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from ._version import __version__
-from .errors import ModewatchError
+from .errors import LogFormatError, ModewatchError
 from .rules import RULES
+from .safetext import neutralise
 
 OK, FINDINGS, USAGE = 0, 1, 2
 
 
+def _error(message: str) -> None:
+    """One line on stderr. Messages name files, and a file's name is text from outside."""
+    sys.stderr.write(f"modewatch: error: {neutralise(message)}\n")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's default is the same code)
-        self.exit(USAGE, f"modewatch: error: {message} (see 'modewatch {self.prog.split()[-1]} --help')\n")
+        _error(f"{message} (see 'modewatch {self.prog.split()[-1]} --help')")
+        self.exit(USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "lines, and a timeline per watched layer.")
     report.add_argument("paths", nargs="+", metavar="LOG_OR_DIR")
     report.add_argument("-o", "--output", default="modewatch-report.html", metavar="FILE",
-                        help="where to write it (default: modewatch-report.html)")
+                        help="where to write it (default: modewatch-report.html; never one of the logs)")
+    report.add_argument("--source-root", action="append", default=[], metavar="DIR",
+                        help="a folder whose .py files the report may show (repeatable); the working "
+                             "directory and each log's folder always are")
     commands.add_parser("run", help="run a program instrumented, as MODEWATCH=1 would", usage=RUN_USAGE[7:],
                         description="Run a Python program with every model watched, as MODEWATCH=1 would.")
     return parser
@@ -69,7 +79,8 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
         last[0] = now
         try:
             size = os.path.getsize(path)
-            sys.stderr.write(f"\rmodewatch: analyzing {os.path.basename(path)}: {100 * done // max(size, 1)}% "
+            sys.stderr.write(f"\rmodewatch: analyzing {neutralise(os.path.basename(path))}: "
+                             f"{100 * done // max(size, 1)}% "
                              f"({done / 1e6:.1f} of {size / 1e6:.1f} MB)\x1b[K")
             sys.stderr.flush()
         except (OSError, ValueError):
@@ -80,18 +91,47 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
 
 def _report(args: argparse.Namespace) -> int:
     from .analysis import analyze
+    from .logfile import expand_paths
     from .report import html_report
-    from .timeline import collect
+    from .sources import Sources
+    from .timeline import Timeline
 
-    document = html_report(analyze(*args.paths), collect(args.paths))
+    logs = [path for path, _ in expand_paths(args.paths)]
+    for log in logs:
+        if _same_file(args.output, log):
+            raise ModewatchError(f"{args.output}: is the log {log}; the report must go elsewhere (-o)",
+                                 "report-output")
+    timeline = Timeline()
+    analysis = analyze(*args.paths, tap=timeline)  # one pass over each log feeds both
+    document = html_report(analysis, timeline, Sources.for_logs(logs, args.source_root))
     try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(document)
+        with open(args.output, "w", encoding="utf-8") as output:
+            output.write(document)
     except OSError as exc:
-        sys.stderr.write(f"modewatch: error: cannot write {args.output}: {exc.strerror or exc}\n")
-        return USAGE
-    sys.stdout.write(f"modewatch: report written to {args.output} ({len(document.encode()) / 1024:.0f} KiB)\n")
-    return OK
+        raise ModewatchError(f"cannot write {args.output}: {exc.strerror or exc}", "report-output") from None
+    sys.stdout.write(neutralise(f"modewatch: report written to {args.output} "
+                                f"({len(document.encode()) / 1024:.0f} KiB)") + "\n")
+    return _bad_logs(analysis) or OK
+
+
+def _same_file(output: str, log: str) -> bool:
+    """Whether writing ``output`` would overwrite ``log`` (through a link, or by another name)."""
+    try:
+        return os.path.samefile(output, log)
+    except (OSError, ValueError):  # no output file yet: compare where the names lead
+        try:
+            return os.path.realpath(output) == os.path.realpath(log)
+        except (OSError, ValueError):
+            return False
+
+
+def _bad_logs(analysis: object) -> int:
+    """Name each log of a directory that could not be analyzed, one line each: exit 2, which
+    wins over findings (the rest was reported all the same)."""
+    bad = getattr(analysis, "summary", {}).get("bad_logs", [])
+    for message in bad:
+        _error(str(LogFormatError(message)))
+    return USAGE if bad else OK
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -103,7 +143,8 @@ def _analyze(args: argparse.Namespace) -> int:
         sys.stderr.write("\r\x1b[K")  # clear the progress line, if one was shown
     report = getattr(reporters, f"{args.format}_report")(result)
     sys.stdout.write(report if report.endswith("\n") else report + "\n")
-    return FINDINGS if result.failing(args.fail_on) else OK
+    sys.stdout.flush()  # the report first, then what was left out of it
+    return _bad_logs(result) or (FINDINGS if result.failing(args.fail_on) else OK)
 
 
 RUN_USAGE = "usage: modewatch run [--log PATH] script.py [args...]  |  modewatch run [--log PATH] -m module [args...]"
@@ -185,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _report(args)
         return _analyze(args)
     except ModewatchError as exc:
-        sys.stderr.write(f"modewatch: error: {exc}\n")
+        _error(str(exc))
         return USAGE
     except BrokenPipeError:  # `modewatch analyze ... | head`
         return OK

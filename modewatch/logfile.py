@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from typing import IO, Any, Iterator, NamedTuple, Optional
 
 from ._version import __version__
@@ -24,6 +25,11 @@ from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED,
 MAX_LINE = 8 << 20  # bytes; a longer line is skipped, never held whole
 MAX_TABLE = 200_000  # entries per id table; past it, definitions are skipped
 MAX_TEXT = 4096  # characters of a name or path that are kept
+# The largest integer any field may hold (int64): sums of such counts stay far below Python's
+# int-to-str digit limit, so no report can fail to print them, and p always converts to float.
+MAX_INT = (1 << 63) - 1
+# A killed job cuts its last line mid-way; that line begins like every line the writer writes.
+EVENT_START = b'{"event":"'
 
 
 class Header(NamedTuple):
@@ -137,8 +143,12 @@ class _Bad(Exception):
     """A line or field that is not what the format says (counted, then skipped)."""
 
 
+class _Full(_Bad):
+    """A well-formed definition past MAX_TABLE: skipped and counted, but not damage."""
+
+
 def _int(value: Any, low: int = 0) -> int:
-    if type(value) is not int or value < low:
+    if type(value) is not int or not low <= value <= MAX_INT:
         raise _Bad
     return value
 
@@ -166,7 +176,10 @@ def _bool(value: Any) -> bool:
 def _opt_float(value: Any) -> Optional[float]:
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if type(value) is int:
+        if not -MAX_INT <= value <= MAX_INT:  # float() of a larger one may overflow
+            raise _Bad
+    elif type(value) is not float or not math.isfinite(value):
         raise _Bad
     return float(value)
 
@@ -174,13 +187,17 @@ def _opt_float(value: Any) -> Optional[float]:
 class LogReader:
     """Iterates over one log: yields the Header first, then one Calls per row.
 
-    Raises LogFormatError (before yielding anything) when the file is missing, unreadable, empty,
-    not a modewatch log, or of a schema this version cannot read. After iteration, ``skipped``
-    counts lines that were not understood and ``truncated`` says whether the last one was cut off.
+    Raises LogFormatError before yielding anything when the file is missing, unreadable, neither
+    a regular file nor a pipe, empty, not a modewatch log, or of a schema this version cannot
+    read; and after the last record when the log is mostly damaged: more damaged lines than
+    good ones after the header, a killed job's cut-off last line not counted. After iteration,
+    ``skipped`` counts what was not understood and ``truncated`` says whether the last line was
+    cut off. ``pipes=False`` refuses pipes too (a FIFO found in a folder is not a log).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, pipes: bool = True):
         self.path = path
+        self.pipes = pipes
         self.skipped = 0
         self.truncated = False
         self.ended = False  # the writer closed the log properly
@@ -188,6 +205,11 @@ class LogReader:
         self.models: Optional[int] = None  # models watched, from the closing event
         self.bytes_read = 0  # for progress reports on long analyses
         self.header: Optional[Header] = None
+        self.good_lines = 0  # lines after the header that were understood
+        self.bad_lines = 0  # lines after the header that were not (a killed job's last one aside)
+        self.first_bad_line: Optional[int] = None
+        self._line = 0  # the number of the line being read
+        self._cut = False  # that line is a killed job's cut-off last line
         self._layers: dict = {}
         self._sites: dict = {}
         self._modes: dict = {}
@@ -199,20 +221,12 @@ class LogReader:
     # rows that refer to them are skipped, which keeps memory bounded for any input.
     def _define(self, table: dict, key: int, value: Any) -> None:
         if len(table) >= MAX_TABLE and key not in table:
-            raise _Bad
+            raise _Full
         table[key] = value
         self._states.clear()  # resolved rows may refer to what this redefines
 
     def __iter__(self) -> Iterator[Any]:
-        try:
-            file = open(self.path, "rb")  # noqa: SIM115 - closed below
-        except IsADirectoryError:
-            raise LogFormatError(f"{self.path}: is a directory, not a log") from None
-        except FileNotFoundError:
-            raise LogFormatError(f"{self.path}: no such file") from None
-        except OSError as exc:
-            raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
-        with file:
+        with open_log(self.path, self.pipes) as file:
             lines = self._lines(file)
             first = next(lines, _END)
             if first is _END:
@@ -223,16 +237,38 @@ class LogReader:
             for event in lines:
                 # Rows inline (not through _read_event): this loop is most of an analysis.
                 if type(event) is dict and event.get("event") == "calls" and type(event.get("rows")) is list:
-                    for row in event["rows"]:
+                    rows, skipped = event["rows"], self.skipped
+                    for row in rows:
                         try:
                             yield read_row(row)
                         except _Bad:
                             self.skipped += 1
+                    bad = self.skipped - skipped
+                    self._judge(bad > len(rows) - bad)  # a calls line is damaged when most rows are
                     continue
                 try:
-                    self._read_event(event)
+                    understood = self._read_event(event)
+                except _Full:
+                    self.skipped += 1  # well-formed, past the table's bound: not damage
                 except _Bad:
                     self.skipped += 1
+                    self._judge(True)
+                else:
+                    if understood:
+                        self._judge(False)
+        if self.bad_lines > self.good_lines:
+            raise LogFormatError(
+                f"{self.path}: mostly damaged: {self.bad_lines:,} of {self.bad_lines + self.good_lines:,} lines "
+                f"after the header cannot be read (the first: line {self.first_bad_line}); not analyzed")
+
+    def _judge(self, damaged: bool) -> None:
+        """Count a line after the header, good or damaged, for the mostly-damaged rule."""
+        if not damaged:
+            self.good_lines += 1
+        elif not self._cut:
+            self.bad_lines += 1
+            if self.first_bad_line is None:
+                self.first_bad_line = self._line
 
     def feed(self, event: dict) -> list:
         """The records of one event handed over directly, not read from a file: a live analysis
@@ -251,14 +287,17 @@ class LogReader:
                 raise LogFormatError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
             if not raw:
                 return
+            self._line += 1
             self.bytes_read += len(raw)
             if not raw.endswith(b"\n"):
                 if len(raw) >= MAX_LINE:  # an overlong line: drop the rest of it unread
                     while (more := file.readline(MAX_LINE)) and not more.endswith(b"\n"):
-                        pass
+                        self.bytes_read += len(more)
                     yield None
                     continue
-                self.truncated = True  # the last line, cut off (a killed job)
+                self.truncated = True  # the last line, cut off
+                # A killed job's, if it begins as the writer begins every line; else junk.
+                self._cut = raw.startswith(EVENT_START) or EVENT_START.startswith(raw)
             if raw.strip():
                 yield _parse(raw)
 
@@ -286,8 +325,9 @@ class LogReader:
         except _Bad:
             raise LogFormatError(f"{self.path}: its modewatch header is damaged") from None
 
-    def _read_event(self, event: Optional[dict]) -> None:
-        """A definition or closing event (rows are read by __iter__)."""
+    def _read_event(self, event: Optional[dict]) -> bool:
+        """A definition or closing event (rows are read by __iter__); False for an event of a
+        newer writer, ignored on purpose."""
         if not isinstance(event, dict):
             raise _Bad
         kind = event.get("event")
@@ -338,12 +378,17 @@ class LogReader:
             call, scope = event.get("call"), event.get("scope")
             if call not in ("train", "eval") or scope not in SCOPES:
                 raise _Bad
-            site = event.get("site")
+            site, kept = event.get("site"), event.get("kept")
+            if kept is not None:
+                # The call that set the mode, never a chain: every stored mode's `kept` is already
+                # such a call, so one look resolves any chain, however long (the writer, too,
+                # writes the original call).
+                kept = self._ref(self._modes, kept)
+                kept = kept if kept.kept is None else kept.kept
             self._define(self._modes, _int(event.get("id")), ModeSet(
                 site=None if site is None else self._ref(self._sites, site), call=call,
                 mode=_bool(event.get("mode")), target=_opt_text(event.get("target")), scope=scope,
-                initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")),
-                kept=None if event.get("kept") is None else self._ref(self._modes, event.get("kept")),
+                initial=_bool(event.get("initial", False)), via=_opt_text(event.get("via")), kept=kept,
             ))
         elif kind == "context":
             allow = event.get("allow")
@@ -356,11 +401,13 @@ class LogReader:
         elif kind == "end":
             self.ended = True
             steps, models = event.get("steps"), event.get("models")
-            self.steps = steps if type(steps) is int and steps >= 0 else None
-            self.models = models if type(models) is int and models >= 0 else None
+            self.steps = steps if type(steps) is int and 0 <= steps <= MAX_INT else None
+            self.models = models if type(models) is int and 0 <= models <= MAX_INT else None
         elif kind == HEADER_EVENT:
             raise _Bad  # a second header: two logs written into one file
-        # Other events are from a newer minor writer of the same schema: ignored on purpose.
+        else:
+            return False  # an event of a newer minor writer of the same schema: ignored on purpose
+        return True
 
     @staticmethod
     def _ref(table: dict, key: Any) -> Any:
@@ -383,7 +430,8 @@ class LogReader:
         counts = tuple(row[8:])  # first_step, last_step, first_forward, forwards, calls
         first, last, first_fwd, forwards, calls = counts
         if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
-                and 0 <= first <= last and first_fwd >= 0 and forwards >= 1 and calls >= 1):
+                and 0 <= first <= last <= MAX_INT and 0 <= first_fwd <= MAX_INT and 1 <= forwards <= MAX_INT
+                and 1 <= calls <= MAX_INT):
             return _new_calls(Calls, state + counts)
         raise _Bad
 
@@ -411,16 +459,58 @@ def _parse(raw: bytes) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
+def open_log(path: str, pipes: bool = True) -> IO[bytes]:
+    """The log at ``path``, opened for its one reading pass; LogFormatError naming it otherwise.
+
+    A log is a regular file, or a pipe named on the command line (``<(zcat run.jsonl.gz)``),
+    read once, to its writer's end. Anything else (/dev/zero, a socket) is refused before it is
+    opened, and what was opened is checked again. Opening never blocks: a FIFO that no process
+    writes to reads as empty instead of waiting forever for a writer.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise LogFormatError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a lone surrogate in the name
+        raise LogFormatError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise LogFormatError(f"{path}: is a directory, not a log")
+    _check_kind(path, mode, pipes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode  # what was opened: the name may point elsewhere by now
+        _check_kind(path, mode, pipes)
+        if stat.S_ISFIFO(mode):
+            os.set_blocking(fd, True)  # from here on a stream, read until its writer closes it
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_kind(path: str, mode: int, pipes: bool) -> None:
+    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+        raise LogFormatError(f"{path}: not a regular file")
+
+
 def expand_paths(paths: list) -> list:
-    """Files named, plus the logs (``*.jsonl``) directly inside each directory named, sorted."""
+    """``(path, named)`` for each file named (``named``: True) and each log (``*.jsonl``) directly
+    inside each directory named (False), in order; a directory's logs sorted."""
     found = []
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            logs = sorted(os.path.join(path, n) for n in os.listdir(path) if is_log_name(n))
+            try:
+                names = os.listdir(path)
+            except OSError as exc:
+                raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            logs = sorted(os.path.join(path, n) for n in names if is_log_name(n))
             if not logs:
                 raise LogFormatError(f"{path}: directory holds no modewatch log (*.jsonl)")
-            found.extend(logs)
+            found.extend((log, False) for log in logs)
         else:
-            found.append(path)
+            found.append((path, True))
     return found

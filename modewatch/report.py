@@ -1,13 +1,21 @@
-"""Reporters: an Analysis in, a string out. No analysis happens here."""
+"""Reporters: an Analysis in, a string out. No analysis happens here.
+
+Every string that came from a log (names, paths, functions, messages built from them) passes
+through ``safetext.neutralise`` here, at the boundary, in every format: a log cannot put a
+control character, a bidi override or a lone surrogate into a terminal, a page or a file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
+from urllib.parse import quote
 
 from ._version import __version__
 from .analysis import Analysis, Finding, plural
+from .safetext import neutralise
 
 
 def json_report(analysis: Analysis) -> str:
@@ -17,7 +25,18 @@ def json_report(analysis: Analysis) -> str:
         "findings": [finding.as_dict() for finding in analysis.findings],
         "summary": analysis.summary,
     }
-    return json.dumps(document, indent=2)
+    return json.dumps(_neutral(document), indent=2)
+
+
+def _neutral(value: Any) -> Any:
+    """A document with every string in it neutralised (keys are modewatch's own)."""
+    if isinstance(value, str):
+        return neutralise(value)
+    if isinstance(value, dict):
+        return {key: _neutral(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_neutral(item) for item in value]
+    return value
 
 
 def _site(site: dict) -> str:
@@ -79,6 +98,9 @@ def text_report(analysis: Analysis) -> str:
         f"{counts.get('info', 0)} info in {logs} log{'s' if logs != 1 else ''} "
         f"({summary.get('steps', 0):,} optimizer steps, {summary.get('layer_calls', 0):,} layer calls)"
     ]
+    if summary.get("bad_logs"):
+        lines.append(f"note: {len(summary['bad_logs'])} log(s) could not be analyzed and were left out "
+                     f"(each is named on stderr)")
     if summary.get("skipped_lines"):
         lines.append(f"note: {summary['skipped_lines']} damaged or cut-off log line(s) were skipped")
     for path in summary.get("truncated_logs", []):
@@ -94,8 +116,7 @@ def text_report(analysis: Analysis) -> str:
         lines.append("note: no Dropout/BatchNorm call was recorded: no watched model ran one (under MODEWATCH=1, "
                      "models are found at their first .train()/.eval() call or when an optimizer is made for them)")
     if not analysis.findings:
-        lines.append("No mode problems found.")
-        return "\n".join(lines) + "\n"
+        lines.append("No mode problems found." if logs else "No log was analyzed.")
     for headline, findings in _by_cause(analysis).items():
         lines.append("")
         lines.append(f"{headline}:")
@@ -104,7 +125,8 @@ def text_report(analysis: Analysis) -> str:
             where = f"first at {_site(finding.forward_site)}" if finding.forward_site else "first at an unknown line"
             lines.append(f"  {'':<29} {plural(finding.count, 'layer call')}, {_steps(finding)}, {where}")
         lines += [f"  fix: {fix}" for fix in _fixes(findings)]
-    return "\n".join(lines) + "\n"
+    # Each element is one line of the report: neutralised whole, a newline inside a field shows.
+    return "".join(neutralise(line) + "\n" for line in lines)
 
 
 def _fixes(findings: list) -> list:
@@ -113,9 +135,16 @@ def _fixes(findings: list) -> list:
     return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or f.rule == "eval-with-grad"))
 
 
+# Markdown that text from a log could open: links and images ([...](...), ![...](...)), raw
+# HTML and autolinks (<...>), emphasis, headings, table cells, code spans. Each is
+# backslash-escaped (< as an entity), so it shows as written and opens nothing. (A `>` mid-line
+# opens nothing once `<` is escaped, and a field never starts a line.)
+_MARKDOWN = re.compile(r"([\\\[\]()!*_#|`~])")
+
+
 def _md(text: str) -> str:
-    """Text from a log, safe inside a Markdown table cell."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace("\n", " ")
+    """Text from a log, inert inside Markdown (a table cell, a heading in bold)."""
+    return _MARKDOWN.sub(r"\\\1", neutralise(text)).replace("<", "&lt;")
 
 
 def markdown_report(analysis: Analysis) -> str:
@@ -123,8 +152,11 @@ def markdown_report(analysis: Analysis) -> str:
     counts = analysis.summary.get("findings", {})
     lines = [f"## modewatch: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} warning(s), "
              f"{counts.get('info', 0)} info", ""]
+    bad = analysis.summary.get("bad_logs", [])
+    lines += [f"- Not analyzed: {_md(error)}" for error in bad] + ([""] if bad else [])
     if not analysis.findings:
-        return "\n".join(lines + ["No mode problems found.", ""])
+        done = "No mode problems found." if analysis.summary.get("logs", 0) else "No log was analyzed."
+        return "\n".join(lines + [done, ""])
     for headline, findings in _by_cause(analysis).items():
         lines += [f"**{_md(headline)}**", "", "| severity | rule | what happened | first forward |", "|---|---|---|---|"]
         for f in findings:
@@ -138,16 +170,17 @@ SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 
 
 def _sarif_location(site: dict) -> dict:
-    path = site["file"]
+    path = neutralise(site["file"])
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive (Windows)
         relative = path
-    inside = not relative.startswith("..") and not os.path.isabs(relative)
-    artifact = {"uri": relative.replace(os.sep, "/"), "uriBaseId": "%SRCROOT%"} if inside else {
-        "uri": "file://" + os.path.abspath(path).replace(os.sep, "/")}
+    inside = relative != os.pardir and not relative.startswith(os.pardir + os.sep) and not os.path.isabs(relative)
+    # URIs per RFC 3986: every character outside the unreserved set and "/" percent-encoded.
+    artifact = {"uri": quote(relative.replace(os.sep, "/"), safe="/"), "uriBaseId": "%SRCROOT%"} if inside else {
+        "uri": "file://" + quote(os.path.abspath(path).replace(os.sep, "/"), safe="/")}
     return {"physicalLocation": {"artifactLocation": artifact, "region": {"startLine": max(site["line"], 1)}},
-            "message": {"text": f"in {site['function']}()"}}
+            "message": {"text": f"in {neutralise(site['function'])}()"}}
 
 
 def sarif_report(analysis: Analysis) -> str:
@@ -164,9 +197,9 @@ def sarif_report(analysis: Analysis) -> str:
     for finding in analysis.findings:
         primary = finding.mode_site or finding.forward_site
         result = {"ruleId": finding.rule, "level": SARIF_LEVELS[finding.severity],
-                  "message": {"text": f"{finding.message} Fix: {finding.fix}"},
+                  "message": {"text": neutralise(f"{finding.message} Fix: {finding.fix}")},
                   "properties": {"count": finding.count, "first_step": finding.first_step,
-                                 "last_step": finding.last_step, "layers": finding.layers,
+                                 "last_step": finding.last_step, "layers": [neutralise(n) for n in finding.layers],
                                  "rank": finding.rank}}
         if primary:
             result["locations"] = [_sarif_location(primary)]
@@ -197,21 +230,20 @@ table.timeline{border-collapse:collapse}table.timeline td{padding:1px 6px;font-s
 """
 
 
-def _source(site: dict) -> str:
-    """The lines around a call site, when the source is at hand (escaped; nothing otherwise)."""
+def _source(site: dict, sources: Any) -> str:
+    """The lines around a call site, when the user allows that file to be shown (escaped), or
+    why it is not shown."""
     import html
-    import linecache
 
-    path, line = site["file"], site["line"]
-    if not os.path.isfile(path):
+    if sources is None:
         return ""
-    lines = []
-    for number in range(max(1, line - 2), line + 3):
-        text = linecache.getline(path, number).rstrip("\n")
-        if not text and number > line:
-            break
+    text = sources.lines(site["file"])
+    if isinstance(text, str):
+        return f'<div class="site">(source not shown: {html.escape(text)})</div>'
+    line, lines = site["line"], []
+    for number in range(max(1, line - 2), min(line + 3, len(text) + 1)):
         mark = ' class="here"' if number == line else ""
-        lines.append(f"<span{mark}>{number:5d}  {html.escape(text)}</span>")
+        lines.append(f"<span{mark}>{number:5d}  {html.escape(neutralise(text[number - 1]))}</span>")
     return "<pre>" + "\n".join(lines) + "</pre>" if lines else ""
 
 
@@ -239,39 +271,43 @@ def _bar(spans: list, last_step: int) -> str:
     return f'<svg width="{BUCKETS * 3}" height="12" role="img">{"".join(rects)}</svg>'
 
 
-def html_report(analysis: Analysis, timeline: Any) -> str:
+def html_report(analysis: Analysis, timeline: Any, sources: Optional[Any] = None) -> str:
     """One self-contained HTML file (no script, no network): the findings with their call sites
-    and source lines, and a timeline per watched layer over the optimizer steps. Everything that
-    comes from a log is escaped."""
+    and source lines (those ``sources`` allows, a ``sources.Sources``), and a timeline per
+    watched layer over the optimizer steps. Everything that comes from a log is neutralised
+    and escaped."""
     import html
 
     from .timeline import STATE_NAMES
 
-    e = html.escape
+    def e(text: object) -> str:
+        return html.escape(neutralise(text))
+
     counts = analysis.summary.get("findings", {})
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>modewatch report</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>modewatch {e(__version__)}: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} "
              f"warning(s), {counts.get('info', 0)} info</h1>",
              f"<p>{analysis.summary.get('logs', 0)} log(s), {analysis.summary.get('steps', 0):,} optimizer steps, "
-             f"{analysis.summary.get('layer_calls', 0):,} layer calls.</p>", "<h2>Findings</h2>"]
-    if not analysis.findings:
-        parts.append("<p>No mode problems found.</p>")
+             f"{analysis.summary.get('layer_calls', 0):,} layer calls.</p>"]
+    parts += [f"<p class=site>Not analyzed: {e(error)}</p>" for error in analysis.summary.get("bad_logs", [])]
+    parts.append("<h2>Findings</h2>")
     logs = analysis.summary.get("logs", 0)
+    if not analysis.findings:
+        parts.append("<p>No mode problems found.</p>" if logs else "<p>No log was analyzed.</p>")
     for f in analysis.findings:
         parts.append(f'<div class="finding {e(f.severity)}"><div><span class="rule">{e(f.severity)} '
                      f'{e(f.rule)}</span> — {e(_headline(f, logs))}</div><div>{e(f.message)}</div>'
                      f'<div class="site">{f.count:,} layer calls, {e(_steps(f))}. Fix: {e(f.fix)}</div>')
         for title, site in (("mode set at", f.mode_site), ("model called at", f.forward_site)):
             if site:
-                parts.append(f'<div class="site">{title} {e(_site(site))}</div>{_source(site)}')
+                parts.append(f'<div class="site">{title} {e(_site(site))}</div>{_source(site, sources)}')
         parts.append("</div>")
     parts.append("<h2>Timeline</h2><p class=legend>" + "".join(
         f'<span><i style="background:{COLORS[state]}"></i>{e(name)}</span>' for state, name in STATE_NAMES.items())
         + f"</p><p class=site>Optimizer steps 0-{timeline.last_step:,}, left to right.</p><table class=timeline>")
-    for (label, name), spans in timeline.layers.items():
-        row_label = f"{label}: {name}" if label else name
-        parts.append(f"<tr><td>{e(row_label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
+    for label, spans in timeline.rows(logs):
+        parts.append(f"<tr><td>{e(label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
     parts.append("</table>")
     if timeline.dropped_layers:
         parts.append(f"<p class=site>{timeline.dropped_layers} more layer(s) not drawn.</p>")

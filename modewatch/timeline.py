@@ -8,7 +8,7 @@ Imports no torch.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Callable
 
 from . import logfile
 from .analysis import SMALL_BATCH, rules_for
@@ -38,30 +38,76 @@ def state_of(calls: logfile.Calls) -> str:
 
 
 class Timeline:
-    """Per (log, layer): [first_step, last_step, state] spans, merged and bounded."""
+    """Per (log, layer): [first_step, last_step, state] spans, merged and bounded.
+
+    Fed by the analysis in its one pass over the logs (``analyze(..., tap=timeline)``): a log's
+    rows are kept apart until the log is read to its end, and dropped if it turns out bad.
+    Rows are keyed by their label: ``rank N`` in a distributed job, else the log's name, shown
+    only where several logs are drawn (``label``).
+    """
 
     def __init__(self) -> None:
-        self.layers: dict = {}
+        self.layers: dict = {}  # (rank, or the log's path; layer name) -> spans
         self.dropped_layers = 0
         self.last_step = 0
+        self._open: dict = {}  # the same, for the log being read
+        self._refused: set = set()  # its layers past MAX_LAYERS
+        self._open_last_step = 0
 
-    def add(self, label: str, calls: logfile.Calls) -> None:
-        key = (label, calls.layer.name)
-        spans = self.layers.get(key)
-        if spans is None:
-            if len(self.layers) >= MAX_LAYERS:
+    def start_log(self, path: str, header: logfile.Header) -> Callable[[logfile.Calls], None]:
+        rank = logfile.job_rank(header)
+        owner = f"rank {rank}" if rank is not None else path
+        self.drop_log()
+        return lambda calls: self._add(owner, calls)
+
+    def end_log(self) -> None:
+        self.last_step = max(self.last_step, self._open_last_step)
+        self.dropped_layers += len(self._refused)
+        for key, spans in self._open.items():
+            kept = self.layers.get(key)
+            if kept is not None:  # the same rank in another log: its spans follow on
+                for span in spans:
+                    _extend(kept, *span)
+            elif len(self.layers) < MAX_LAYERS:
+                self.layers[key] = spans
+            else:
                 self.dropped_layers += 1
+        self.drop_log()
+
+    def drop_log(self) -> None:
+        self._open, self._refused, self._open_last_step = {}, set(), 0
+
+    def _add(self, owner: str, calls: logfile.Calls) -> None:
+        key = (owner, calls.layer.name)
+        spans = self._open.get(key)
+        if spans is None:
+            if len(self._open) >= MAX_LAYERS:
+                self._refused.add(key)
                 return
-            spans = self.layers[key] = []
-        state = state_of(calls)
-        self.last_step = max(self.last_step, calls.last_step)
-        last = spans[-1] if spans else None
-        if last is not None and last[2] == state and calls.first_step <= last[1] + 1:
-            last[1] = max(last[1], calls.last_step)
-            return
-        spans.append([calls.first_step, calls.last_step, state])
-        if len(spans) > MAX_SPANS:
-            spans[:] = _coarsen(spans)
+            spans = self._open[key] = []
+        self._open_last_step = max(self._open_last_step, calls.last_step)
+        _extend(spans, calls.first_step, calls.last_step, state_of(calls))
+
+    def rows(self, logs: int) -> list:
+        """(label, spans) per layer row; a row's label names its rank, or its log when several
+        separate runs are drawn."""
+        rows = []
+        for (owner, name), spans in self.layers.items():
+            label = owner if owner.startswith("rank ") else (os.path.basename(owner) if logs > 1 else "")
+            rows.append((f"{label}: {name}" if label else name, spans))
+        return rows
+
+
+def _extend(spans: list, first: int, last: int, state: str) -> None:
+    """Add a span of one state: it extends the last one where it continues it, and past
+    MAX_SPANS neighbours are merged."""
+    previous = spans[-1] if spans else None
+    if previous is not None and previous[2] == state and first <= previous[1] + 1:
+        previous[1] = max(previous[1], last)
+        return
+    spans.append([first, last, state])
+    if len(spans) > MAX_SPANS:
+        spans[:] = _coarsen(spans)
 
 
 def _coarsen(spans: list) -> list:
@@ -72,18 +118,3 @@ def _coarsen(spans: list) -> list:
         state = max((s[2] for s in pair), key=RANK.__getitem__)
         merged.append([pair[0][0], pair[-1][1], state])
     return merged
-
-
-def collect(paths: Any) -> Timeline:
-    """The timeline of the logs (files or directories), one row per layer of each log."""
-    timeline = Timeline()
-    files = logfile.expand_paths(list(paths))
-    for path in files:
-        reader = logfile.LogReader(path)
-        records = iter(reader)
-        header = next(records)
-        rank = logfile.job_rank(header)
-        label = f"rank {rank}" if rank is not None else (os.path.basename(path) if len(files) > 1 else "")
-        for calls in records:
-            timeline.add(label, calls)
-    return timeline

@@ -112,3 +112,36 @@ def test_wrapper_prefixes_are_ignored_when_comparing_layers():
     """DDP's module. and torch.compile's _orig_mod. do not make two layers different."""
     assert ranks.plain_name("module._orig_mod.encoder.drop") == "encoder.drop"
     assert ranks.plain_name("modules.drop") == "modules.drop"
+
+
+def test_the_sweep_finds_what_comparing_every_pair_of_spans_finds():
+    """rank-mode-mismatch compares ranks by one sweep over sorted span boundaries; on random jobs
+    (overlapping, touching and nested spans, a rank's spans overlapping its own, four ranks) it
+    finds exactly what comparing each eval span with every train span of the other ranks finds."""
+    import random
+
+    from modewatch.logfile import NO_CONTEXT, PARAM_GRAD, Calls, Layer
+
+    def every_pair(timelines):
+        found = []
+        for name, layer in sorted(timelines.layers.items()):
+            for rank, spans in sorted(layer.eval.items()):
+                for span in spans:
+                    hits = [(max(span.first, first), min(span.last, last))
+                            for other, pairs in layer.train.items() if other != rank
+                            for first, last in zip(pairs[0::2], pairs[1::2])
+                            if max(span.first, first) <= min(span.last, last)]
+                    if hits:
+                        found.append((rank, name, span, (min(h[0] for h in hits), max(h[1] for h in hits))))
+        return found
+
+    for seed in range(300):
+        generator = random.Random(seed)
+        timelines = ranks.Timelines()
+        for _ in range(generator.randint(0, 40)):
+            first = generator.randint(0, 60)
+            layer = Layer(generator.choice(["a", "module.a", "b"]), "Dropout", "dropout", 0, False)
+            timelines.add(Calls(layer, PARAM_GRAD, generator.random() < 0.5, True, False, False, None, 0.5, None,
+                                None, NO_CONTEXT, False, False, first, first + generator.randint(0, 8), 0, 1, 1),
+                          generator.randint(0, 3), 0)
+        assert timelines.mismatches() == every_pair(timelines), seed
