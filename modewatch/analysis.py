@@ -1,6 +1,6 @@
 """The analysis: from recorded layer calls to findings, grouped by cause.
 
-It reads records through ``logfile.LogReader`` and knows nothing of JSON or of how findings are
+It reads records through ``reader.LogReader`` and knows nothing of JSON or of how findings are
 shown. It streams: memory grows with the number of distinct causes, never with the log's length.
 Imports no torch.
 """
@@ -12,9 +12,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from . import logfile, ranks as distributed
+from . import ranks as distributed
 from .errors import LogFormatError
-from .logfile import PARAM_GRAD, GRAPH_UNUSED, Calls, Facts, ModeSet, Site
+from .format import GRAPH_UNUSED, PARAM_GRAD
+from .reader import MAX_TABLE, STATE_LENGTH, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
 from .rules import RULES, check_rules, severity_rank
 
 SMALL_BATCH = 8
@@ -417,7 +418,7 @@ class _Seen:
         """Once per distinct state of calls."""
         if calls.forward_kind == PARAM_GRAD:
             self.trained.add(calls.layer.model)
-        if not calls.training and len(self.eval_mode) < logfile.MAX_TABLE:
+        if not calls.training and len(self.eval_mode) < MAX_TABLE:
             self.eval_mode.add((calls.layer.model, calls.layer.name))
 
     def model_name(self, model: Optional[int]) -> str:
@@ -536,13 +537,13 @@ class Job:
     def start_log(self, path: str, header: Any, facts: Optional[Facts] = None) -> Callable[[Calls], None]:
         """Begin a log; returns the function that takes its records, one at a time. ``facts``
         (the reader's, filled in as it reads) settle the verdicts that wait for the whole log."""
-        rank = logfile.job_rank(header)
+        rank = job_rank(header)
         log = self._open = _OpenLog(path, rank, len(self.logs), self.tap, header,
                                     facts if facts is not None else Facts())
         index, small_batch, ignored, causes, seen = log.index, self.small_batch, self.ignored, log.causes, log.seen
         timelines, tap, totals, moved = log.timelines, log.tap, log.totals, log.seen.moved
         fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
-        state_length = logfile.STATE_LENGTH
+        state_length = STATE_LENGTH
 
         def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
             totals[0] += calls.calls
@@ -566,7 +567,7 @@ class Job:
 
         return add
 
-    def end_log(self, reader: logfile.LogReader) -> None:
+    def end_log(self, reader: LogReader) -> None:
         """The log started last was read to its end: what it adds joins the job."""
         log, self._open = self._open, None
         self.logs.append(log.path)
@@ -687,8 +688,8 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
     if not paths:
         raise TypeError("modewatch.analyze() needs at least one log path")
     job = Job(ignore, small_batch, tap)
-    for path, named in logfile.expand_paths(list(paths)):
-        reader = logfile.LogReader(path, pipes=named)  # a FIFO in a folder is not a log
+    for path, named in expand_paths(list(paths)):
+        reader = LogReader(path, pipes=named)  # a FIFO in a folder is not a log
         try:
             records = iter(reader)
             add = job.start_log(path, next(records), reader.facts)

@@ -91,7 +91,7 @@ def _progress_line(every: float = 0.5) -> Optional[Callable]:
 
 def _report(args: argparse.Namespace) -> int:
     from .analysis import analyze
-    from .logfile import expand_paths
+    from .reader import expand_paths
     from .report import html_report
     from .sources import Sources
     from .timeline import Timeline

@@ -21,7 +21,8 @@ ON_FINDING = ("warn", "raise")
 class Live:
     def __init__(self, path: str, on_finding: str):
         from .analysis import Job  # the analysis imports no torch; imported only when live
-        from .logfile import SCHEMA, Header, LogReader
+        from .format import SCHEMA
+        from .reader import Header, LogReader
 
         self.on_finding = on_finding
         self.reader = LogReader(path)

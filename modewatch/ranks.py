@@ -14,7 +14,8 @@ from bisect import bisect_right
 from dataclasses import replace
 from typing import Any, Optional
 
-from .logfile import PARAM_GRAD, Calls
+from .format import PARAM_GRAD
+from .reader import Calls
 
 MAX_SPANS = 4096  # per rank, layer and mode; past it that layer is no longer compared
 MAX_TOTAL_SPANS = 1 << 21  # in all (about 200 MB at most); past it, layers that need more are dropped

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import logfile
+from .format import PARAM_GRAD
+from .reader import Calls, Header, job_rank
 from .analysis import SMALL_BATCH, rules_for
 
 MAX_LAYERS = 200  # rows drawn; more are counted and left out
@@ -27,14 +28,14 @@ STATE_NAMES = {
 }
 
 
-def state_of(calls: logfile.Calls) -> str:
+def state_of(calls: Calls) -> str:
     """How a run of calls is drawn: in the right mode, or what kind of finding it makes."""
     severities = {severity for rule, severity in rules_for(calls, SMALL_BATCH) if rule not in calls.context.allow}
     if "error" in severities:
         return BAD
     if severities:
         return INFO
-    return TRAIN if calls.forward_kind == logfile.PARAM_GRAD else EVAL
+    return TRAIN if calls.forward_kind == PARAM_GRAD else EVAL
 
 
 class Timeline:
@@ -54,8 +55,8 @@ class Timeline:
         self._refused: set = set()  # its layers past MAX_LAYERS
         self._open_last_step = 0
 
-    def start_log(self, path: str, header: logfile.Header) -> Callable[[logfile.Calls], None]:
-        rank = logfile.job_rank(header)
+    def start_log(self, path: str, header: Header) -> Callable[[Calls], None]:
+        rank = job_rank(header)
         owner = f"rank {rank}" if rank is not None else path
         self.drop_log()
         return lambda calls: self._add(owner, calls)
@@ -77,7 +78,7 @@ class Timeline:
     def drop_log(self) -> None:
         self._open, self._refused, self._open_last_step = {}, set(), 0
 
-    def _add(self, owner: str, calls: logfile.Calls) -> None:
+    def _add(self, owner: str, calls: Calls) -> None:
         key = (owner, calls.layer.name)
         spans = self._open.get(key)
         if spans is None:

@@ -24,7 +24,7 @@ import time
 import tracemalloc
 
 import modewatch
-from modewatch import logfile
+from modewatch import format as logformat
 from modewatch.writer import LogWriter
 
 
@@ -44,12 +44,12 @@ def write_rank(path, rank, ranks, steps):
     while step < steps:
         end = min(step + 499, broken_from - 1) if step < broken_from else steps - 1
         training = step < broken_from
-        flags = (logfile.TRAINING if training else 0) | logfile.GRAD_ENABLED
-        rows = [[layer, logfile.PARAM_GRAD, flags | (logfile.STATS_CHANGED if layer % 2 and training else 0),
+        flags = (logformat.TRAINING if training else 0) | logformat.GRAD_ENABLED
+        rows = [[layer, logformat.PARAM_GRAD, flags | (logformat.STATS_CHANGED if layer % 2 and training else 0),
                  8 if layer % 2 else None, 0.1, 0 if training else 1, 0, 0, step, end, step, end - step + 1,
                  end - step + 1] for layer in range(20)]
         if training:  # the evaluation after these steps
-            rows += [[layer, logfile.NO_GRAPH, 0, 8 if layer % 2 else None, 0.1, 1, 1, 0, end, end, end, 1, 1]
+            rows += [[layer, logformat.NO_GRAPH, 0, 8 if layer % 2 else None, 0.1, 1, 1, 0, end, end, end, 1, 1]
                      for layer in range(20)]
         writer.calls(step=end, rows=rows)
         step = end + 1
@@ -58,7 +58,7 @@ def write_rank(path, rank, ranks, steps):
 
 
 def write_switching(path, rank, ranks, steps):
-    writer = logfile.LogWriter(path)
+    writer = LogWriter(path)
     writer.header(torch="2.13.0", python="3.11", pid=rank, argv=[], rank=rank, world_size=ranks, time=0)
     for layer in range(2):
         writer.layer(id=layer, name=f"module.drop{layer}", kind="Dropout", category="dropout", model=0, copy_of=None)
@@ -68,8 +68,8 @@ def write_switching(path, rank, ranks, steps):
     rows = []
     for step in range(steps):
         training = (step + rank) % 2 == 0
-        flags = (logfile.TRAINING if training else 0) | logfile.GRAD_ENABLED
-        rows += [[layer, logfile.PARAM_GRAD, flags, None, 0.1, 0 if training else 1, 0, 0, step, step, step, 1, 1]
+        flags = (logformat.TRAINING if training else 0) | logformat.GRAD_ENABLED
+        rows += [[layer, logformat.PARAM_GRAD, flags, None, 0.1, 0 if training else 1, 0, 0, step, step, step, 1, 1]
                  for layer in range(2)]
         if len(rows) >= 200 or step == steps - 1:
             writer.calls(step=step, rows=rows)

@@ -183,7 +183,7 @@ def test_a_log_with_no_layer_call_says_why(tmp_path, capsys):
 def test_markdown_is_a_table_per_cause_with_log_text_escaped(tmp_path, capsys):
     """--format markdown: a heading, one table per cause, and a layer name from the log that
     holds Markdown or HTML cannot break the table or inject markup."""
-    from test_logfile import DEFINITIONS, HEADER, row, write
+    from test_reader import DEFINITIONS, HEADER, row, write
 
     hostile = dict(DEFINITIONS[0], name="x|<script>alert(1)</script>`")
     log = write(tmp_path / "a.jsonl", [HEADER, hostile, *DEFINITIONS[1:], {"event": "calls", "rows": [row(1, 9, 5)]}])
@@ -216,7 +216,7 @@ def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkey
 
 def test_progress_on_a_terminal_and_not_in_a_pipe(tmp_path, monkeypatch, capsys):
     """A long analysis shows a progress line on stderr when it is a terminal, never otherwise."""
-    from test_logfile import DEFINITIONS, HEADER, row, write
+    from test_reader import DEFINITIONS, HEADER, row, write
     from modewatch import cli
 
     log = write(tmp_path / "long.jsonl", [HEADER, *DEFINITIONS] + [

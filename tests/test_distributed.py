@@ -120,7 +120,8 @@ def test_the_sweep_finds_what_comparing_every_pair_of_spans_finds():
     finds exactly what comparing each eval span with every train span of the other ranks finds."""
     import random
 
-    from modewatch.logfile import NO_CONTEXT, PARAM_GRAD, Calls, Layer
+    from modewatch.format import PARAM_GRAD
+    from modewatch.reader import NO_CONTEXT, Calls, Layer
 
     def every_pair(timelines):
         found = []

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import modewatch
 from modewatch.cli import main
 from conftest import Net, batches, train_step
-from test_logfile import DEFINITIONS, HEADER, row
+from test_reader import DEFINITIONS, HEADER, row
 from test_untrusted import unsafe
 
 SETTINGS = settings(max_examples=150, derandomize=True, database=None, deadline=None,

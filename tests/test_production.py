@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import modewatch
-from modewatch import _startup, logfile
+from modewatch import _startup, reader
 from modewatch.cli import main
 from conftest import Net, batches, findings_by_rule, train_step
 
@@ -284,9 +284,9 @@ def test_sigterm_closes_the_log_and_still_terminates(tmp_path, train_py):
     assert process.stdout.readline().strip() == "evaluated"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == -signal.SIGTERM
-    reader = logfile.LogReader(only_log(tmp_path))
-    list(reader)
-    assert reader.ended and not reader.truncated
+    log_reader = reader.LogReader(only_log(tmp_path))
+    list(log_reader)
+    assert log_reader.ended and not log_reader.truncated
 
 
 def test_folded_and_unfolded_logs_give_the_same_findings(tmp_path):

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 import modewatch
-from modewatch import logfile, patches
+from modewatch import patches, reader
 from conftest import Net, batches, findings_by_rule, line_of, train_step
 
 
 def recorded_calls(log):
     """Every Calls record of a log, header dropped."""
-    return list(logfile.LogReader(log))[1:]
+    return list(reader.LogReader(log))[1:]
 
 
 def test_statistics_change_flag_matches_the_values(log):
@@ -201,9 +201,9 @@ def test_close_is_idempotent_and_off_means_off(log):
     assert nn.Module.__dict__["train"] is train
     assert torch.autograd.backward.__module__ == "torch.autograd"
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    reader = logfile.LogReader(log)
-    list(reader)
-    assert reader.ended and reader.skipped == 0
+    log_reader = reader.LogReader(log)
+    list(log_reader)
+    assert log_reader.ended and log_reader.skipped == 0
 
 
 def test_watched_model_can_be_saved_whole(log):

@@ -12,7 +12,7 @@ import torch
 import modewatch
 from modewatch.cli import main
 from conftest import Net, batches, line_of, train_step
-from test_logfile import DEFINITIONS, HEADER, row, write
+from test_reader import DEFINITIONS, HEADER, row, write
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 import modewatch
 from modewatch.cli import main
-from test_logfile import DEFINITIONS, HEADER, row, write
+from test_reader import DEFINITIONS, HEADER, row, write
 
 
 # The characters no report may pass on from a log: C0 controls (a report's own line breaks

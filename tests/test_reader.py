@@ -7,9 +7,9 @@ import tracemalloc
 import pytest
 
 import modewatch
-from modewatch import logfile
+from modewatch import format as logformat, reader
 
-HEADER = {"event": "modewatch", "schema": logfile.SCHEMA, "modewatch": "0.1.0", "pid": 1, "argv": [],
+HEADER = {"event": "modewatch", "schema": logformat.SCHEMA, "modewatch": "0.1.0", "pid": 1, "argv": [],
           "rank": None, "world_size": None}
 DEFINITIONS = [
     {"event": "layer", "id": 0, "name": "drop", "kind": "Dropout", "category": "dropout", "model": 0, "copy_of": None},
@@ -19,8 +19,8 @@ DEFINITIONS = [
 ]
 
 
-def row(first_step, last_step, calls=1, kind=logfile.PARAM_GRAD, training=False):
-    flags = (logfile.TRAINING if training else 0) | logfile.GRAD_ENABLED
+def row(first_step, last_step, calls=1, kind=logformat.PARAM_GRAD, training=False):
+    flags = (logformat.TRAINING if training else 0) | logformat.GRAD_ENABLED
     return [0, kind, flags, None, 0.5, None if training else 0, 0, 0, first_step, last_step, first_step,
             calls, calls]
 
@@ -69,7 +69,7 @@ def test_damaged_lines_are_skipped_and_counted(tmp_path, junk):
 
 def test_an_overlong_line_is_skipped_without_being_held(tmp_path, monkeypatch):
     """A line longer than the limit is skipped; the rest of the log is read."""
-    monkeypatch.setattr(logfile, "MAX_LINE", 1024)
+    monkeypatch.setattr(reader, "MAX_LINE", 1024)
     log = write(tmp_path / "a.jsonl", [HEADER, *DEFINITIONS], b'{"x": "' + b"a" * 5000 + b'"}\n' + json.dumps(
         {"event": "calls", "step": 1, "rows": [row(0, 0)]}).encode() + b"\n")
     analysis = modewatch.analyze(log)
@@ -78,12 +78,12 @@ def test_an_overlong_line_is_skipped_without_being_held(tmp_path, monkeypatch):
 
 def test_tables_are_bounded(tmp_path, monkeypatch):
     """A log defining endless sites cannot grow the reader's tables past the limit."""
-    monkeypatch.setattr(logfile, "MAX_TABLE", 10)
+    monkeypatch.setattr(reader, "MAX_TABLE", 10)
     sites = [{"event": "site", "id": i + 10, "file": "f", "line": 1, "function": "f"} for i in range(50)]
     log = write(tmp_path / "a.jsonl", [HEADER, *DEFINITIONS, *sites])
-    reader = logfile.LogReader(log)
-    list(reader)
-    assert len(reader._sites) == 10 and reader.skipped == 42
+    log_reader = reader.LogReader(log)
+    list(log_reader)
+    assert len(log_reader._sites) == 10 and log_reader.skipped == 42
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_memory_does_not_grow_with_the_log(tmp_path):
     """Analyzing a log ten times longer takes no more memory (streaming)."""
     def peak(steps):
         events = [HEADER, *DEFINITIONS] + [
-            {"event": "calls", "step": s, "rows": [row(s, s), row(s, s, kind=logfile.NO_GRAPH, training=True)]}
+            {"event": "calls", "step": s, "rows": [row(s, s), row(s, s, kind=logformat.NO_GRAPH, training=True)]}
             for s in range(steps)]
         log = write(tmp_path / f"{steps}.jsonl", events)
         tracemalloc.start()
