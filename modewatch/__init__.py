@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ._version import __version__
-from .allow import allow
-from .analysis import Analysis, Finding, analyze
 from .errors import (LogFormatError, LogPathError, ModeFindingError, ModewatchError, ModewatchWarning,
                      UnknownRuleError)
 
@@ -19,6 +18,8 @@ if TYPE_CHECKING:  # for the annotations only: `import modewatch` imports no tor
 
     import torch
 
+    from .allow import allow
+    from .analysis import Analysis, Finding, analyze
     from .collector import Watcher
 
 __all__ = [
@@ -76,9 +77,16 @@ def watch(model: "torch.nn.Module", log: "str | os.PathLike[str] | None" = None,
     return _watch(model, log, flush_seconds=flush_seconds, fold=fold, on_finding=on_finding, layers=layers, **unknown)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Watcher":  # the class lives with the collector, which imports torch
-        from .collector import Watcher
+# Loaded when first used: `import modewatch` (and `modewatch --version`) stays light, and only the
+# collector imports torch.
+_LAZY = {"Analysis": "analysis", "Finding": "analysis", "analyze": "analysis", "allow": "allow",
+         "Watcher": "collector"}
 
-        return Watcher
-    raise AttributeError(f"module 'modewatch' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'modewatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -9,60 +9,53 @@ from __future__ import annotations
 
 import collections
 import copy
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from . import ranks as distributed
 from .errors import LogFormatError
 from .format import GRAPH_UNUSED, PARAM_GRAD
 from .reader import MAX_TABLE, STATE_LENGTH, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
-from .rules import RULES, check_rules, severity_rank
+from .rules import RULES, check_rules, rules_for, severity_rank
 
 SMALL_BATCH = 8
 MAX_CAUSES = 10_000  # distinct findings kept; a hostile log cannot make more
 MAX_LAYERS_PER_FINDING = 1_000
-MOVED_FORWARDS = 2  # forwards in which a frozen layer's parameters moved: a momentum encoder
 
 
-@dataclass
-class Finding:
-    """One cause of wrong-mode calls: the fields of a finding in `modewatch analyze --format json`."""
+_FINDING_FIELDS = ("rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank", "forward_site",
+                   "mode_site", "fix", "batches", "cause", "summary", "ranks", "log", "model")
 
-    rule: str
-    severity: str
-    message: str
-    layers: list
-    count: int
-    first_step: int
-    last_step: int
-    rank: Optional[int]
-    forward_site: Optional[dict]
-    mode_site: Optional[dict]
-    fix: str = ""
-    batches: int = 0  # forwards (batches) affected: the most any one of its layers saw
-    cause: str = ""  # the mode call behind it, in words; reporters group findings by it
-    summary: str = ""  # the first sentence of the message: what happened, without the why
-    ranks: Optional[list] = None  # a finding the same on every rank: those ranks (rank is then null)
-    log: Optional[str] = None  # the log it was found in (null when merged across ranks)
-    model: Optional[dict] = None  # {"name": class, "site": where it was watched or made}
+
+class Finding(collections.namedtuple("Finding", _FINDING_FIELDS, defaults=("", 0, "", "", None, None, None))):
+    """One cause of wrong-mode calls: the fields of a finding in `modewatch analyze --format json`.
+
+    Beyond the contract's keys: `fix` (what to do), `batches` (forwards affected: the most any one
+    of its layers saw), `cause` (the mode call behind it, in words: reporters group findings by
+    it), `summary` (the message's first sentence: what happened, without the why), `ranks` (a
+    finding the same on every rank: those ranks, `rank` being null), `log` (the log it was found
+    in; null when merged across ranks), `model` (`{"name": class, "site": where it was watched or
+    made}`). Immutable.
+    """
+
+    __slots__ = ()
 
     def as_dict(self) -> dict:
-        return {
-            "rule": self.rule, "severity": self.severity, "message": self.message,
-            "layers": list(self.layers), "count": self.count, "first_step": self.first_step,
-            "last_step": self.last_step, "rank": self.rank, "forward_site": self.forward_site,
-            "mode_site": self.mode_site, "fix": self.fix, "batches": self.batches, "ranks": self.ranks,
-            "log": self.log, "model": self.model,
-        }
+        """The finding as `--format json` prints it."""
+        found = self._asdict()
+        del found["cause"], found["summary"]
+        found["layers"] = list(self.layers)
+        return found
 
 
-@dataclass
 class Analysis:
     """What ``modewatch.analyze()`` returns: findings, most severe first, and a summary."""
 
-    findings: list
-    logs: list
-    summary: dict = field(default_factory=dict)
+    __slots__ = ("findings", "logs", "summary")
+
+    def __init__(self, findings: list, logs: list, summary: Optional[dict] = None):
+        self.findings = findings
+        self.logs = logs
+        self.summary = summary if summary is not None else {}
 
     def failing(self, fail_on: str = "error") -> list:
         """The findings at or above ``fail_on`` ("error", "warning", "info"; "never": none)."""
@@ -71,6 +64,9 @@ class Analysis:
         floor = severity_rank(fail_on)
         return [f for f in self.findings if severity_rank(f.severity) >= floor]
 
+    def __repr__(self) -> str:
+        return f"<modewatch.Analysis: {len(self.findings)} finding(s) in {len(self.logs)} log(s)>"
+
 
 def _cause_key(mode: Optional[ModeSet]) -> Any:
     """Findings are grouped by the mode call behind them. Layers frozen one by one by the same
@@ -78,46 +74,6 @@ def _cause_key(mode: Optional[ModeSet]) -> Any:
     if mode is None or mode.scope != "layer":
         return mode
     return (mode.site, mode.call, mode.mode, mode.scope)
-
-
-def _is_active_dropout(calls: Calls) -> bool:
-    return calls.layer.category == "dropout" and (calls.param is None or calls.param > 0)
-
-
-def _deliberate_freeze(mode: Optional[ModeSet]) -> bool:
-    """BatchNorm put in eval mode layer by layer (or a submodule at a time), or by assigning
-    ``.training``: a fine-tuning pattern, not a forgotten model.train()."""
-    return mode is None or mode.scope in ("layer", "submodule")
-
-
-def rules_for(calls: Calls, small_batch: int = SMALL_BATCH) -> list:
-    """The (rule, severity) pairs a run of identical calls breaks, before allow()/--ignore."""
-    found = []
-    norm = calls.layer.category == "norm"
-    if calls.forward_kind == PARAM_GRAD:  # a training forward
-        if _is_active_dropout(calls) and not calls.training:
-            found.append(("train-without-dropout", "error"))
-        if norm and not calls.training:
-            found.append(("bn-frozen-in-train", "info" if _deliberate_freeze(calls.mode) else "error"))
-        if norm and calls.training and calls.batch is not None and calls.batch < small_batch:
-            found.append(("bn-small-batch", "warning"))
-        if norm and calls.training and calls.stats_changed and (calls.frozen or calls.layer.params):
-            found.append(("stat-update-in-frozen", "warning"))  # settled by the whole log (see _settle)
-        return found
-    # An evaluation forward. A recalibration pass (update_bn, or BatchNorm in cumulative-average
-    # mode) updates the statistics on purpose and runs Dropout in train mode as a side effect.
-    recalibrating = calls.context.recalibration or (norm and calls.param is None and calls.training)
-    if recalibrating:
-        if norm and calls.stats_changed:
-            found.append(("bn-recalibration", "info"))
-        return found
-    if norm and calls.stats_changed:
-        found.append(("stat-update-in-eval", "error"))
-    if _is_active_dropout(calls) and calls.training:
-        found.append(("dropout-in-eval", "error"))
-    if calls.forward_kind == GRAPH_UNUSED and not calls.training and calls.grad:
-        found.append(("eval-with-grad", "info"))
-    return found
 
 
 class _Cause:
@@ -195,7 +151,7 @@ class _Cause:
             layers=list(self.layers), count=self.count,
             first_step=self.first_step, last_step=self.last_step, rank=self.rank,
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
-            fix=IGNORES_MODE_FIX if self.call else RULES[self.rule][1], batches=batches,
+            fix=IGNORES_MODE_FIX if self.call else RULES[self.rule].fix, batches=batches,
             cause=_call_text(self.call) if self.call else _headline(self.mode, self.rule), log=self.log,
             model=self.seen.model_dict(self.model) if self.seen is not None else None,
         )
@@ -229,14 +185,10 @@ def mode_call_text(mode: ModeSet) -> str:
     return f"{_target_text(mode, 'layer')}.{call}{inside}"
 
 
-TRAIN_MODE_RULES = ("stat-update-in-eval", "dropout-in-eval", "bn-small-batch", "bn-recalibration",
-                    "stat-update-in-frozen", "ema-target", "stat-update-in-sampling")
-
-
 def _cause_text(mode: Optional[ModeSet], rule: str) -> str:
     """The mode call behind a finding, in words: what the text report groups findings by."""
     if mode is None:
-        if rule in TRAIN_MODE_RULES:  # modules start in train mode
+        if RULES[rule].in_train_mode:  # modules start in train mode
             return "no .train()/.eval() call (modules start in train mode)"
         return ".training assigned directly (no .train()/.eval() call)"
     where = "" if mode.site is None else f" at {mode.site.file}:{mode.site.line} in {mode.site.function}()"
@@ -259,7 +211,7 @@ def _headline(mode: Optional[ModeSet], rule: str) -> str:
 
 def _why(mode: Optional[ModeSet], rule: str) -> str:
     if mode is None:
-        if rule in TRAIN_MODE_RULES:
+        if RULES[rule].in_train_mode:
             return "Nothing ever called model.eval() on these layers: modules start in train mode"
         return "No .train()/.eval() call set this mode: .training was assigned directly"
     if mode.initial:
@@ -295,9 +247,9 @@ def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     if cause.call:
         return (f"{text} {_call_text(cause.call)}: the module was in eval mode, set by "
                 f"{_cause_text(cause.mode, cause.rule)}, and the call dropped all the same.")
-    if cause.rule == "ema-target":
+    if cause.recognised is not None:
         return f"{text} {_recognised_text(cause)}"
-    return text if cause.rule == "bn-recalibration" else f"{text} {_why(cause.mode, cause.rule)}."
+    return f"{text} {_why(cause.mode, cause.rule)}." if RULES[cause.rule].explain_mode else text
 
 
 def _recognised_text(cause: _Cause) -> str:
@@ -331,35 +283,12 @@ def layers_text(names: Any, kinds: Optional[dict] = None) -> str:
     return f"in layer {shown}" if len(names) == 1 else f"in layers {shown}"
 
 
-# What happened, per rule ("bn-frozen-in-train/info": the deliberate kind), as format strings.
-SUMMARIES = {
-    "train-without-dropout": "{training} ran Dropout in eval mode, with dropout off ({layers}).",
-    "bn-frozen-in-train/info": "{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode "
-                               "one by one or a submodule at a time, which looks like deliberate freezing.",
-    "bn-frozen-in-train": "{training} ran BatchNorm in eval mode, with running statistics frozen ({layers}).",
-    "stat-update-in-eval": "{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked "
-                           "into the statistics used at inference.",
-    "dropout-in-eval": "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
-    "dropout-in-eval/ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers}).",
-    "eval-with-grad": "{evaluation} in eval mode built an autograd graph that no backward used ({layers}).",
-    "bn-small-batch": "{training} computed BatchNorm statistics from fewer than {small_batch} samples "
-                      "(smallest: {smallest}) ({layers}).",
-    "bn-recalibration": "BatchNorm running statistics were recomputed on purpose over {forwards} ({layers}).",
-    "stat-update-in-frozen": "{training} updated the running statistics of BatchNorm layers whose parameters are "
-                             "frozen ({frozen}), so the frozen part still changes ({layers}).",
-    "ema-target": "{evaluation} of {model} ran {what} in train mode ({layers}).",
-    "stat-update-in-sampling": "{evaluation} with grad enabled that no backward used (sampling?) updated BatchNorm "
-                               "running statistics in train mode ({layers}); these layers never ran in eval mode in "
-                               "this run, so nothing here used those statistics, but a checkpoint of the model "
-                               "carries them.",
-}
-
 FROZEN_WORDS = {"requires_grad": "requires_grad=False", "optimizer": "left out of every optimizer"}
 
 
 def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
-    flavour = "ignores-mode" if cause.call else cause.severity
-    template = SUMMARIES.get(f"{cause.rule}/{flavour}") or SUMMARIES[cause.rule]
+    rule = RULES[cause.rule]
+    template = rule.variants.get("ignores-mode" if cause.call else cause.severity) or rule.summary
     what = " and ".join(name for rule, name in (("stat-update-in-eval", "BatchNorm"), ("dropout-in-eval", "Dropout"))
                         if rule in cause.rules)
     return template.format(
@@ -369,16 +298,6 @@ def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
         frozen=FROZEN_WORDS.get(cause.detail[1], "") if isinstance(cause.detail, tuple) else "",
         model=cause.seen.model_name(cause.model) if cause.seen is not None else "a model",
     )
-
-
-def _detail(calls: Calls, rule: str) -> Any:
-    """What a verdict waiting for the whole log depends on, per layer (see _settle); None for the
-    rules decided row by row, or per model."""
-    if rule == "stat-update-in-frozen":
-        return (calls.layer.name, "requires_grad" if calls.frozen else "optimizer")
-    if rule == "stat-update-in-eval" and calls.forward_kind == GRAPH_UNUSED:
-        return (calls.layer.name, "sampling")
-    return None
 
 
 def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,
@@ -391,7 +310,7 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
         if rule in ignored or rule in calls.context.allow:
             continue
         call = _ignored_mode_call(calls, rule)
-        detail = _detail(calls, rule)
+        detail = RULES[rule].detail(calls) if RULES[rule].detail is not None else None
         model = calls.layer.model
         key = (rule, severity, _cause_key(calls.mode), rank, log_index if rank is None else None, call, model, detail)
         cause = causes.get(key)
@@ -470,32 +389,13 @@ def _plain_layers(layers: Optional[set]) -> frozenset:
     return frozenset((distributed.plain_name(name), kind) for name, kind in layers or ())
 
 
-SETTLED_LATER = ("stat-update-in-frozen", "stat-update-in-eval", "dropout-in-eval")
-
-
 def _settle(cause: _Cause, final: bool) -> Any:
-    """The final (rule, severity, recognised) of a cause whose verdict waits for the whole log;
-    None to drop it; ``...`` while undecided (only when not ``final``: a live analysis)."""
-    rule, seen = cause.rule, cause.seen
-    if rule not in SETTLED_LATER or seen is None:
+    """The final (rule, severity, recognised) of a cause; None to drop it; ``...`` while more of
+    the log could still change it (only when not ``final``: a live analysis). See rules.Rule.settle."""
+    settle = RULES[cause.rule].settle
+    if settle is None or cause.seen is None:
         return cause.rule, cause.severity, None
-    facts = seen.facts
-    if rule == "stat-update-in-frozen":
-        name, how = cause.detail
-        layer = (cause.model, name)
-        if seen.moved[layer] >= MOVED_FORWARDS:
-            return None  # a momentum encoder (MoCo's key encoder): its parameters are updated in place
-        if how == "optimizer" and (cause.model not in facts.optimized_models or layer in facts.optimized_layers):
-            return None if final else ...  # frozen only if an optimizer steps its model, but not it
-        return rule, "warning", None
-    target = seen.ema_target(cause.model)
-    if target is not None:
-        return "ema-target", "info" if target[0] == "updated" else "warning", target
-    if not final and seen.undecided(cause.model):
-        return ...
-    if cause.detail is not None and (cause.model, cause.detail[0]) not in seen.eval_mode:
-        return ("stat-update-in-sampling", "warning", None) if final else ...
-    return rule, cause.severity, None
+    return settle(cause, cause.seen, final)
 
 
 class _OpenLog:
@@ -654,12 +554,10 @@ class Job:
         ordered = sorted(self.settled(final),
                          key=lambda c: (-severity_rank(c.severity), c.first_forward, rule_order.index(c.rule)))
         findings = [cause.finding(self.small_batch) for cause in ordered]
-        findings = distributed.merge_across_ranks(findings, self.ranks)
+        findings = [group[0] if len(group) == 1 else _on_every_rank(group)
+                    for group in distributed.same_on_every_rank(findings, self.ranks)]
         if "rank-mode-mismatch" not in self.ignored:
-            findings[0:0] = distributed.mismatch_findings(
-                self.timelines, lambda **fields: Finding(**fields, fix=RULES["rank-mode-mismatch"][1]), _site_dict,
-                _mode_dict, lambda mode: _why(mode, "rank-mode-mismatch"),
-                lambda mode: _headline(mode, "rank-mode-mismatch"))
+            findings[0:0] = [_mismatch_finding(m) for m in distributed.mismatches(self.timelines)]
         return findings
 
     def result(self) -> Analysis:
@@ -670,6 +568,28 @@ class Job:
             summary["ranks_not_compared"] = sorted(self.timelines.dropped)
         summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
         return Analysis(findings=findings, logs=list(self.logs), summary=summary)
+
+
+def _on_every_rank(group: list) -> Finding:
+    """One finding for the same finding on every rank of a job (``ranks`` lists them)."""
+    first = group[0]
+    summary = f"{first.summary[:-1]}, on all {len(group)} ranks."
+    return first._replace(
+        rank=None, ranks=sorted(f.rank for f in group), count=sum(f.count for f in group),
+        first_step=min(f.first_step for f in group), last_step=max(f.last_step for f in group),
+        layers=[distributed.plain_name(name) for name in first.layers], batches=max(f.batches for f in group),
+        log=None, summary=summary, message=first.message.replace(first.summary, summary, 1))
+
+
+def _mismatch_finding(mismatch: Any) -> Finding:
+    rule = RULES["rank-mode-mismatch"]
+    summary = rule.summary.format(rank=mismatch.rank, layers=layers_text(mismatch.layers)[3:],
+                                  first=mismatch.first, last=mismatch.last)
+    return Finding(
+        rule=rule.id, severity=rule.severity, message=f"{summary} {_why(mismatch.mode, rule.id)} on rank {mismatch.rank}.",
+        layers=mismatch.layers, count=mismatch.count, first_step=mismatch.first, last_step=mismatch.last,
+        rank=mismatch.rank, forward_site=_site_dict(mismatch.site), mode_site=_mode_dict(mismatch.mode),
+        fix=rule.fix, batches=mismatch.batches, cause=_headline(mismatch.mode, rule.id), summary=summary)
 
 
 def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BATCH,

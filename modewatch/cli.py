@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from ._version import __version__
 from .errors import LogFormatError, ModewatchError
-from .rules import RULES
+from .rules import RULES, SEVERITIES
 from .safetext import neutralise
 
 OK, FINDINGS, USAGE = 0, 1, 2
@@ -32,21 +32,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .analysis import SMALL_BATCH
+    from .report import FORMATS
+
     parser = _Parser(prog="modewatch", description="Find PyTorch models that train or evaluate in the wrong mode.")
     parser.add_argument("--version", action="version", version=f"modewatch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     analyze = commands.add_parser("analyze", help="report the mode bugs recorded in logs",
                                   description="Report the mode bugs recorded in modewatch logs.")
     analyze.add_argument("paths", nargs="+", metavar="LOG_OR_DIR", help="a log, or a directory of *.jsonl logs")
-    analyze.add_argument("--format", choices=("text", "json", "markdown", "sarif"), default="text",
-                         help="text (for people), json (the findings document), markdown (CI job summaries), "
-                              "sarif (SARIF 2.1.0, for code-scanning annotations)")
-    analyze.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
+    analyze.add_argument("--format", choices=list(FORMATS), default="text",
+                         help=", ".join(f"{name} ({what})" for name, (_, what) in FORMATS.items()))
+    analyze.add_argument("--fail-on", choices=[*SEVERITIES[::-1], "never"], default="error",
                          help="exit 1 when a finding is at least this severe (default: error)")
     analyze.add_argument("--ignore", action="append", default=[], metavar="RULE", choices=sorted(RULES),
                          help="do not report this rule (repeatable)")
-    analyze.add_argument("--small-batch", type=int, default=8, metavar="N",
-                         help="bn-small-batch fires under N samples (default: 8)")
+    analyze.add_argument("--small-batch", type=int, default=SMALL_BATCH, metavar="N",
+                         help=f"bn-small-batch fires under N samples (default: {SMALL_BATCH})")
     report = commands.add_parser("report", help="write a self-contained HTML report with a timeline",
                                  description="Write one self-contained HTML file: findings with their source "
                                              "lines, and a timeline per watched layer.")
@@ -135,13 +137,14 @@ def _bad_logs(analysis: object) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from . import report as reporters
     from .analysis import analyze
 
     result = analyze(*args.paths, ignore=args.ignore, small_batch=args.small_batch, progress=_progress_line())
     if sys.stderr.isatty():
         sys.stderr.write("\r\x1b[K")  # clear the progress line, if one was shown
-    report = getattr(reporters, f"{args.format}_report")(result)
+    from .report import FORMATS
+
+    report = FORMATS[args.format][0](result)
     sys.stdout.write(report if report.endswith("\n") else report + "\n")
     sys.stdout.flush()  # the report first, then what was left out of it
     return _bad_logs(result) or (FINDINGS if result.failing(args.fail_on) else OK)

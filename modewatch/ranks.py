@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .format import PARAM_GRAD
 from .reader import Calls
@@ -241,10 +240,23 @@ def _union(pairs: Any) -> list:
     return merged
 
 
-def mismatch_findings(timelines: Timelines, finding: Any, site_dict: Any, mode_dict: Any, why: Any,
-                      headline: Any) -> list:
-    """rank-mode-mismatch findings, one per rank and mode call that caused it. The callables
-    make the Finding and its words, as the analysis makes them for the other rules."""
+class Mismatch(NamedTuple):
+    """The steps at which one rank trained layers in eval mode, set by one mode call, while other
+    ranks trained them in train mode: the data of one rank-mode-mismatch finding."""
+
+    rank: int
+    mode: Any  # the ModeSet that set the rank's eval mode (None: no call)
+    layers: list  # plain names, in order of first mismatch
+    count: int  # layer calls
+    first: int  # the first and last step in which the modes differed
+    last: int
+    site: Any  # the line that called the model, first time
+    order: tuple  # where in the job it first happened, for sorting
+    batches: int  # forwards (batches) of the layer that saw most
+
+
+def mismatches(timelines: Timelines) -> list:
+    """The rank-mode-mismatches of a job, one per rank and mode call that caused it, in order."""
     grouped: dict = {}
     for rank, name, span, (first, last) in timelines.mismatches():
         key = (rank, span.mode)
@@ -255,27 +267,17 @@ def mismatch_findings(timelines: Timelines, finding: Any, site_dict: Any, mode_d
         entry["first"], entry["last"] = min(entry["first"], first), max(entry["last"], last)
         if span.order < entry["order"]:
             entry["order"], entry["site"] = span.order, span.site
-    findings = []
-    for (rank, mode), entry in sorted(grouped.items(), key=lambda item: item[1]["order"]):
-        entry["layers"] = names = list(entry["batches"])  # in order of first mismatch
-        layers = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        layers = f"layer {layers}" if len(names) == 1 else f"layers {layers}"
-        summary = (f"Rank {rank} trained {layers} in eval mode at steps {entry['first']}-{entry['last']}, "
-                   f"while other ranks trained them in train mode.")
-        findings.append(finding(
-            rule="rank-mode-mismatch", severity="error", message=f"{summary} {why(mode)} on rank {rank}.",
-            layers=entry["layers"], count=entry["count"], first_step=entry["first"], last_step=entry["last"],
-            rank=rank, forward_site=site_dict(entry["site"]), mode_site=mode_dict(mode), summary=summary,
-            cause=headline(mode), batches=max(entry["batches"].values()),
-        ))
-    return findings
+    return [Mismatch(rank, mode, list(entry["batches"]), entry["count"], entry["first"], entry["last"], entry["site"],
+                     entry["order"], max(entry["batches"].values()))
+            for (rank, mode), entry in sorted(grouped.items(), key=lambda item: item[1]["order"])]
 
 
-def merge_across_ranks(findings: list, ranks: set) -> list:
-    """Findings that are the same on every rank of the job become one, with ``ranks`` listing
-    them; a finding on some ranks only stays per rank."""
+def same_on_every_rank(findings: list, ranks: set) -> list:
+    """The findings in groups: a group of several is one finding the same on every rank of the
+    job (same rule, severity, mode call, calling line and layers); a finding on some ranks only,
+    or of a single process, is a group of its own."""
     if len(ranks) < 2:
-        return findings
+        return [[finding] for finding in findings]
     groups: dict = {}
     for finding in findings:
         if finding.rank is None:
@@ -284,20 +286,13 @@ def merge_across_ranks(findings: list, ranks: set) -> list:
         key = (finding.rule, finding.severity, _site_key(finding.mode_site), _site_key(finding.forward_site),
                tuple(sorted(plain_name(name) for name in finding.layers)))
         groups.setdefault(key, []).append(finding)
-    merged = []
+    found = []
     for group in groups.values():
         if len(group) > 1 and {f.rank for f in group} == ranks:
-            first = group[0]
-            merged.append(replace(
-                first, rank=None, ranks=sorted(f.rank for f in group), count=sum(f.count for f in group),
-                first_step=min(f.first_step for f in group), last_step=max(f.last_step for f in group),
-                layers=[plain_name(name) for name in first.layers],
-                batches=max(f.batches for f in group), log=None,
-                message=first.message.replace(first.summary, first.summary + f" (on all {len(group)} ranks)"),
-            ))
+            found.append(group)
         else:
-            merged.extend(group)
-    return merged
+            found.extend([finding] for finding in group)
+    return found
 
 
 def _site_key(site: Optional[dict]) -> Optional[tuple]:

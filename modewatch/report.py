@@ -11,10 +11,10 @@ import json
 import os
 import re
 from typing import Any, Optional
-from urllib.parse import quote
 
 from ._version import __version__
 from .analysis import Analysis, Finding, plural
+from .rules import RULES
 from .safetext import neutralise
 
 
@@ -130,9 +130,9 @@ def text_report(analysis: Analysis) -> str:
 
 
 def _fixes(findings: list) -> list:
-    """The distinct fixes of a group of findings, in order; deliberate freezing and recalibration
-    (info) need none."""
-    return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or f.rule == "eval-with-grad"))
+    """The distinct fixes of a group of findings, in order; an info finding's only where its
+    rule says it is worth fixing (deliberate freezing and recalibration need none)."""
+    return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or RULES[f.rule].fix_for_info))
 
 
 # Markdown that text from a log could open: links and images ([...](...), ![...](...)), raw
@@ -170,6 +170,8 @@ SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 
 
 def _sarif_location(site: dict) -> dict:
+    from urllib.parse import quote  # SARIF alone needs it: kept out of the CLI's start-up
+
     path = neutralise(site["file"])
     try:
         relative = os.path.relpath(path)
@@ -187,12 +189,10 @@ def sarif_report(analysis: Analysis) -> str:
     """SARIF 2.1.0, for code-scanning annotations: each finding at its mode_site (the line to
     change), with the forward_site as a related location; paths under the working directory are
     relative to it (%SRCROOT%)."""
-    from .rules import RULES
-
-    rules = [{"id": rule, "name": rule, "shortDescription": {"text": rule.replace("-", " ")},
-              "help": {"text": f"{fix} (docs/rules/{rule}.md)"},
-              "defaultConfiguration": {"level": SARIF_LEVELS[severity]}}
-             for rule, (severity, fix) in RULES.items()]
+    rules = [{"id": rule.id, "name": rule.id, "shortDescription": {"text": rule.id.replace("-", " ")},
+              "help": {"text": f"{rule.fix} (docs/rules/{rule.id}.md)"},
+              "defaultConfiguration": {"level": SARIF_LEVELS[rule.severity]}}
+             for rule in RULES.values()]
     results = []
     for finding in analysis.findings:
         primary = finding.mode_site or finding.forward_site
@@ -269,6 +269,15 @@ def _bar(spans: list, last_step: int) -> str:
                              f'{min(column * width, last_step + 1) - 1}: {columns[start]}</title></rect>')
             start = column
     return f'<svg width="{BUCKETS * 3}" height="12" role="img">{"".join(rects)}</svg>'
+
+
+# The formats of `modewatch analyze --format`, with what each is for (the CLI's choices and help).
+FORMATS = {
+    "text": (text_report, "for people"),
+    "json": (json_report, "the findings document"),
+    "markdown": (markdown_report, "CI job summaries"),
+    "sarif": (sarif_report, "SARIF 2.1.0, for code-scanning annotations"),
+}
 
 
 def html_report(analysis: Analysis, timeline: Any, sources: Optional[Any] = None) -> str:

@@ -1,16 +1,21 @@
-"""The rule table (docs/rules.md): ids, severities and the one-line fix for each.
+"""The rules: one record each (its id, severity, what happened, the fix, the check), and severities.
 
-Kept apart from the analysis so that ``allow()`` and the CLI can validate rule ids without
-loading anything else.
+Adding a rule touches this file alone: the analysis asks each record's ``check`` about every run
+of identical calls, words its findings from ``summary`` and ``fix``, and settles the verdicts that
+wait for the whole log through ``settle``; the CLI, the reporters and ``allow()`` take the ids from
+here. docs/rules/ has a page per rule. Imports no torch.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import collections
+from typing import Any, Iterable, Mapping
 
 from .errors import UnknownRuleError
+from .format import GRAPH_UNUSED, PARAM_GRAD
 
 SEVERITIES = ("info", "warning", "error")  # ascending
+MOVED_FORWARDS = 2  # forwards in which a frozen layer's parameters moved: a momentum encoder, not frozen
 
 
 def severity_rank(severity: str) -> int:
@@ -18,59 +23,205 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
-# rule id -> (default severity, what to do about it)
-RULES = {
-    "train-without-dropout": (
-        "error",
+_RULE_FIELDS = ("id", "severity", "summary", "fix", "check", "variants", "in_train_mode", "explain_mode",
+                "fix_for_info", "detail", "settle")
+
+
+class Rule(collections.namedtuple("Rule", _RULE_FIELDS, defaults=(None, {}, False, True, False, None, None))):
+    """One rule, immutable:
+
+    - ``id``, ``severity`` (as the rule table gives it; ``check`` may give another), ``summary``
+      (what happened, one sentence), ``fix`` (what to do);
+    - ``check(calls, small_batch)``: the severity a run of identical calls breaks it with, or None
+      (None for the rules found otherwise: across ranks, or by settling another rule);
+    - ``variants``: summaries of one severity or flavour ("info", "ignores-mode");
+    - ``in_train_mode``: broken in train mode (with no mode call, "modules start in train mode");
+    - ``explain_mode``: the message names the .train()/.eval() call that set the mode;
+    - ``fix_for_info``: its info findings are worth fixing too (reports show the fix);
+    - ``detail(calls)``: what a per-layer verdict keeps causes apart by;
+    - ``settle(cause, seen, final)``: the verdict once the whole log is read (see
+      ``analysis.Job.settled``).
+
+    Summaries are format strings over the fields ``analysis._summary`` fills in: {training},
+    {evaluation}, {forwards}, {layers}, {small_batch}, {smallest}, {what}, {frozen}, {model}
+    (and {rank}, {first}, {last} for rank-mode-mismatch).
+    """
+
+    __slots__ = ()
+
+
+# ----------------------------------------------------------------------------- what a run of calls was
+
+def _training_forward(calls: Any) -> bool:
+    return calls.forward_kind == PARAM_GRAD
+
+
+def _norm(calls: Any) -> bool:
+    return calls.layer.category == "norm"
+
+
+def _active_dropout(calls: Any) -> bool:
+    return calls.layer.category == "dropout" and (calls.param is None or calls.param > 0)
+
+
+def _recalibration(calls: Any) -> bool:
+    """A recalibration pass (update_bn, or BatchNorm in cumulative-average mode) updates the
+    statistics on purpose, and runs Dropout in train mode as a side effect."""
+    return calls.context.recalibration or (_norm(calls) and calls.param is None and calls.training)
+
+
+def _evaluation(calls: Any) -> bool:
+    return not _training_forward(calls) and not _recalibration(calls)
+
+
+def deliberate_freeze(mode: Any) -> bool:
+    """BatchNorm put in eval mode layer by layer (or a submodule at a time), or by assigning
+    ``.training``: a fine-tuning pattern, not a forgotten model.train()."""
+    return mode is None or mode.scope in ("layer", "submodule")
+
+
+# ----------------------------------------------------------------------------- verdicts on the whole log
+
+def _settle_frozen(cause: Any, seen: Any, final: bool) -> Any:
+    """stat-update-in-frozen, layer by layer: not a momentum encoder (its parameters move), and
+    "left out of every optimizer" only where an optimizer steps the rest of its model."""
+    name, how = cause.detail
+    layer = (cause.model, name)
+    if seen.moved[layer] >= MOVED_FORWARDS:
+        return None
+    facts = seen.facts
+    if how == "optimizer" and (cause.model not in facts.optimized_models or layer in facts.optimized_layers):
+        return None if final else ...
+    return cause.rule, cause.severity, None
+
+
+def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
+    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target; a sampling
+    forward whose statistics the run never uses is stat-update-in-sampling; else as checked."""
+    target = seen.ema_target(cause.model)
+    if target is not None:
+        return "ema-target", "info" if target[0] == "updated" else "warning", target
+    if not final and seen.undecided(cause.model):
+        return ...
+    if cause.detail is not None and (cause.model, cause.detail[0]) not in seen.eval_mode:
+        return ("stat-update-in-sampling", "warning", None) if final else ...
+    return cause.rule, cause.severity, None
+
+
+# ----------------------------------------------------------------------------- the rules
+
+_RULES = (
+    Rule(
+        "train-without-dropout", "error",
+        "{training} ran Dropout in eval mode, with dropout off ({layers}).",
         "call model.train() before the training batches (after any evaluation that called model.eval()).",
+        check=lambda c, _: "error" if _training_forward(c) and _active_dropout(c) and not c.training else None,
     ),
-    "bn-frozen-in-train": (
-        "error",
+    Rule(
+        "bn-frozen-in-train", "error",
+        "{training} ran BatchNorm in eval mode, with running statistics frozen ({layers}).",
         "call model.train() before the training batches; to freeze BatchNorm on purpose, put only the "
         "BatchNorm layers in eval mode.",
+        check=lambda c, _: (("info" if deliberate_freeze(c.mode) else "error")
+                            if _training_forward(c) and _norm(c) and not c.training else None),
+        variants={"info": "{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode one "
+                          "by one or a submodule at a time, which looks like deliberate freezing."},
     ),
-    "stat-update-in-eval": (
-        "error",
+    Rule(
+        "stat-update-in-eval", "error",
+        "{evaluation} updated BatchNorm running statistics ({layers}): evaluation data leaked into the "
+        "statistics used at inference.",
         "call model.eval() before evaluating (torch.no_grad() does not switch BatchNorm to its running "
         "statistics).",
+        check=lambda c, _: "error" if _evaluation(c) and _norm(c) and c.stats_changed else None,
+        in_train_mode=True,
+        # Sampling (grad enabled, never backpropagated) waits for the whole log, layer by layer.
+        detail=lambda c: (c.layer.name, "sampling") if c.forward_kind == GRAPH_UNUSED else None,
+        settle=_settle_evaluation,
     ),
-    "dropout-in-eval": (
-        "error",
+    Rule(
+        "dropout-in-eval", "error",
+        "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
         "call model.eval() before evaluating (torch.no_grad() does not switch Dropout off).",
+        check=lambda c, _: "error" if _evaluation(c) and _active_dropout(c) and c.training else None,
+        variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers})."},
+        in_train_mode=True,
+        settle=_settle_evaluation,
     ),
-    "eval-with-grad": (
-        "info",
+    Rule(
+        "eval-with-grad", "info",
+        "{evaluation} in eval mode built an autograd graph that no backward used ({layers}).",
         "wrap evaluation in torch.no_grad() or torch.inference_mode() to save memory and time.",
+        check=lambda c, _: ("info" if _evaluation(c) and c.forward_kind == GRAPH_UNUSED and not c.training
+                            and c.grad else None),
+        fix_for_info=True,
     ),
-    "bn-small-batch": (
-        "warning",
+    Rule(
+        "bn-small-batch", "warning",
+        "{training} computed BatchNorm statistics from fewer than {small_batch} samples (smallest: {smallest}) "
+        "({layers}).",
         "use larger batches, or GroupNorm/LayerNorm, or freeze BatchNorm when batches are this small.",
+        check=lambda c, small: ("warning" if _training_forward(c) and _norm(c) and c.training
+                                and c.batch is not None and c.batch < small else None),
+        in_train_mode=True,
     ),
-    "bn-recalibration": (
-        "info",
+    Rule(
+        "bn-recalibration", "info",
+        "BatchNorm running statistics were recomputed on purpose over {forwards} ({layers}).",
         "nothing to fix: BatchNorm statistics were recomputed on purpose.",
+        check=lambda c, _: ("info" if not _training_forward(c) and _recalibration(c) and _norm(c)
+                            and c.stats_changed else None),
+        in_train_mode=True,
+        explain_mode=False,
     ),
-    "rank-mode-mismatch": (
-        "error",
+    Rule(
+        "rank-mode-mismatch", "error",
+        "Rank {rank} trained {layers} in eval mode at steps {first}-{last}, while other ranks trained them in "
+        "train mode.",
         "make every rank set the same mode: call model.train() on every rank after rank-0-only evaluation.",
+        # Found across the logs of a job, not in a run of calls: see ranks.Timelines.
     ),
-    "stat-update-in-frozen": (
-        "warning",
+    Rule(
+        "stat-update-in-frozen", "warning",
+        "{training} updated the running statistics of BatchNorm layers whose parameters are frozen ({frozen}), "
+        "so the frozen part still changes ({layers}).",
         "put the frozen part in eval mode after each model.train() (for example model.backbone.eval()), or use a "
         "frozen norm (torchvision.ops.FrozenBatchNorm2d); for deliberate adaptation (AdaBN), wrap it in "
-        "modewatch.allow(\"stat-update-in-frozen\").",
+        'modewatch.allow("stat-update-in-frozen").',
+        check=lambda c, _: ("warning" if _training_forward(c) and _norm(c) and c.training and c.stats_changed
+                            and (c.frozen or c.layer.params) else None),
+        in_train_mode=True,
+        detail=lambda c: (c.layer.name, "requires_grad" if c.frozen else "optimizer"),
+        settle=_settle_frozen,
     ),
-    "ema-target": (
-        "info",
+    Rule(
+        "ema-target", "info",
+        "{evaluation} of {model} ran {what} in train mode ({layers}).",
         "nothing to fix for an EMA / momentum target; a fixed teacher, or a model run for its predictions, "
         "belongs in eval mode (teacher.eval()).",
+        in_train_mode=True,
+        explain_mode=False,  # the message says what was recognised instead
+        # What stat-update-in-eval and dropout-in-eval settle into for a recognised target.
     ),
-    "stat-update-in-sampling": (
-        "warning",
+    Rule(
+        "stat-update-in-sampling", "warning",
+        "{evaluation} with grad enabled that no backward used (sampling?) updated BatchNorm running statistics in "
+        "train mode ({layers}); these layers never ran in eval mode in this run, so nothing here used those "
+        "statistics, but a checkpoint of the model carries them.",
         "to sample with the statistics learnt, call model.eval() before sampling and model.train() after; "
         "sampling in train mode on purpose (as many GANs do) needs no change.",
+        in_train_mode=True,
+        # What stat-update-in-eval settles into (see _settle_evaluation).
     ),
-}
+)
+
+RULES: Mapping[str, Rule] = {rule.id: rule for rule in _RULES}
+
+
+def rules_for(calls: Any, small_batch: int) -> list:
+    """The (rule id, severity) pairs a run of identical calls breaks, before allow()/--ignore."""
+    return [(rule.id, severity) for rule in _RULES if rule.check is not None
+            and (severity := rule.check(calls, small_batch)) is not None]
 
 
 def check_rules(rules: Iterable[str]) -> frozenset[str]:

@@ -12,7 +12,8 @@ from typing import Callable
 
 from .format import PARAM_GRAD
 from .reader import Calls, Header, job_rank
-from .analysis import SMALL_BATCH, rules_for
+from .analysis import SMALL_BATCH
+from .rules import rules_for
 
 MAX_LAYERS = 200  # rows drawn; more are counted and left out
 MAX_SPANS = 2000  # per layer; past it, neighbouring spans are merged (the worst state wins)

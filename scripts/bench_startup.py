@@ -1,11 +1,15 @@
-"""Interpreter start-up with and without modewatch installed (MODEWATCH unset).
+"""Start-up costs: the interpreter with modewatch installed, and the command line itself.
 
     python scripts/bench_startup.py [--runs 60]
 
 Builds two fresh virtual environments in a temporary folder: one bare, one with this checkout
 installed the regular way (``pip install --no-deps``: modewatch and its modewatch.pth, nothing
-else, so that only modewatch's own cost is measured). Then times ``python -c pass`` in each,
-interleaved, and reports medians and their ratio, and what the second one imported.
+else, so that only modewatch's own cost is measured). Then times, interleaved, medians:
+
+- ``python -c pass`` in each (MODEWATCH unset: installing modewatch must cost nothing);
+- ``python -c "import json"`` (the budget's reference), ``modewatch --version`` and
+  ``modewatch analyze`` on a small log (a few lines), as ``python -m modewatch`` in the second:
+  the CLI imports no torch, wrapt or structlog (budget: 1.2x the reference).
 """
 
 import argparse
@@ -27,6 +31,26 @@ def venv(folder: str, install: bool) -> str:
     return python
 
 
+SMALL_LOG = "\n".join([
+    '{"event":"modewatch","schema":1,"modewatch":"0.1.0","pid":1,"argv":[],"rank":null,"world_size":null}',
+    '{"event":"layer","id":0,"name":"drop","kind":"Dropout","category":"dropout","model":0,"copy_of":null}',
+    '{"event":"site","id":0,"file":"train.py","line":20,"function":"train"}',
+    '{"event":"calls","step":3,"rows":[[0,3,3,null,0.5,null,0,0,0,2,1,3,3]]}',
+    '{"event":"end","steps":3,"forwards":3}', ""])
+
+
+def timed(commands: dict, runs: int, env: dict) -> dict:
+    """Median seconds of each command, run interleaved (the order turns each round)."""
+    names = list(commands)
+    times: dict = {name: [] for name in names}
+    for run in range(runs):
+        for name in names[run % len(names):] + names[:run % len(names)]:
+            start = time.perf_counter()
+            subprocess.run(commands[name], check=False, env=env, stdout=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60)
@@ -35,19 +59,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modewatch-startup-") as folder:
         bare = venv(os.path.join(folder, "bare"), install=False)
         installed = venv(os.path.join(folder, "installed"), install=True)
-        times = {bare: [], installed: []}
-        for run in range(args.runs):
-            for python in (bare, installed) if run % 2 else (installed, bare):
-                start = time.perf_counter()
-                subprocess.run([python, "-c", "pass"], check=True, env=env)
-                times[python].append(time.perf_counter() - start)
+        log = os.path.join(folder, "small.jsonl")
+        with open(log, "w") as f:
+            f.write(SMALL_LOG)
+        pass_times = timed({"bare": [bare, "-c", "pass"], "installed": [installed, "-c", "pass"]}, args.runs, env)
+        cli_times = timed({"json": [installed, "-c", "import json"],
+                           "version": [installed, "-m", "modewatch", "--version"],
+                           "analyze": [installed, "-m", "modewatch", "analyze", log]}, args.runs, env)
         loaded = subprocess.run([installed, "-c", "import sys; print(sorted(m for m in sys.modules if 'modewatch' in m"
                                  " or m in ('torch', 'wrapt', 'structlog')))"], env=env, capture_output=True, text=True)
-    a, b = statistics.median(times[bare]), statistics.median(times[installed])
+        cli_loaded = subprocess.run([installed, "-c", "import sys; from modewatch.cli import main; main(['analyze', "
+                                     f"{log!r}]); print(sorted(m for m in sys.modules if m in ('torch', 'wrapt', "
+                                     "'structlog')))"], env=env, capture_output=True, text=True)
+    a, b = pass_times["bare"], pass_times["installed"]
     print(f"python -c pass, {args.runs} runs each, interleaved, MODEWATCH unset")
     print(f"  bare venv                {a * 1e3:7.2f} ms")
     print(f"  modewatch installed      {b * 1e3:7.2f} ms   ratio {b / a:.3f}")
     print(f"  modules imported at start-up by modewatch: {loaded.stdout.strip()}")
+    reference = cli_times["json"]
+    print(f"\nthe command line, {args.runs} runs each, interleaved (budget: 1.2x python -c 'import json')")
+    print(f"  python -c 'import json'  {reference * 1e3:7.2f} ms")
+    for name in ("version", "analyze"):
+        label = "modewatch --version" if name == "version" else "modewatch analyze (small log)"
+        print(f"  {label:29s} {cli_times[name] * 1e3:7.2f} ms   ratio {cli_times[name] / reference:.3f}")
+    print(f"  torch, wrapt, structlog imported by the CLI: {cli_loaded.stdout.strip().splitlines()[-1:]}")
 
 
 if __name__ == "__main__":
