@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ._version import __version__
+from .allow import allow  # eager: the submodule of the same name would shadow a lazy function
 from .errors import (LogFormatError, LogPathError, ModeFindingError, ModewatchError, ModewatchWarning,
                      UnknownRuleError)
 
@@ -18,7 +19,6 @@ if TYPE_CHECKING:  # for the annotations only: `import modewatch` imports no tor
 
     import torch
 
-    from .allow import allow
     from .analysis import Analysis, Finding, analyze
     from .collector import Watcher
 
@@ -79,8 +79,7 @@ def watch(model: "torch.nn.Module", log: "str | os.PathLike[str] | None" = None,
 
 # Loaded when first used: `import modewatch` (and `modewatch --version`) stays light, and only the
 # collector imports torch.
-_LAZY = {"Analysis": "analysis", "Finding": "analysis", "analyze": "analysis", "allow": "allow",
-         "Watcher": "collector"}
+_LAZY = {"Analysis": "analysis", "Finding": "analysis", "analyze": "analysis", "Watcher": "collector"}
 
 
 def __getattr__(name: str) -> Any:

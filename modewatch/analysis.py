@@ -247,8 +247,8 @@ def _message(cause: _Cause, batches: int, small_batch: int) -> str:
     if cause.call:
         return (f"{text} {_call_text(cause.call)}: the module was in eval mode, set by "
                 f"{_cause_text(cause.mode, cause.rule)}, and the call dropped all the same.")
-    if cause.recognised is not None:
-        return f"{text} {_recognised_text(cause)}"
+    if cause.recognised is not None:  # part of the summary already (_summary)
+        return text
     return f"{text} {_why(cause.mode, cause.rule)}." if RULES[cause.rule].explain_mode else text
 
 
@@ -291,13 +291,17 @@ def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
     template = rule.variants.get("ignores-mode" if cause.call else cause.severity) or rule.summary
     what = " and ".join(name for rule, name in (("stat-update-in-eval", "BatchNorm"), ("dropout-in-eval", "Dropout"))
                         if rule in cause.rules)
-    return template.format(
+    # The template is ours; the values come from the log, and are never formatted again.
+    text = template.format(
         training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
         forwards=plural(batches, "forward"), layers=layers_text(cause.layers, cause.kinds), small_batch=small_batch,
         smallest=cause.smallest_batch, what=what or "its layers",
         frozen=FROZEN_WORDS.get(cause.detail[1], "") if isinstance(cause.detail, tuple) else "",
         model=cause.seen.model_name(cause.model) if cause.seen is not None else "a model",
     )
+    if cause.recognised is not None:  # what was recognised is what a reader must see first
+        text = f"{text} {_recognised_text(cause)}"
+    return text
 
 
 def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Optional[int], log: str,

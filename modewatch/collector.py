@@ -25,7 +25,7 @@ from .allow import allowed_rules
 from .catalog import Catalog
 from .compat import is_grad_enabled as _is_grad_enabled, data_ptr, version
 from .errors import LogPathError, ModeFindingError
-from .format import INFERENCE, MODE_FLAGS, NO_GRAPH, with_flags
+from .format import INFERENCE, MODE_FLAGS, with_flags
 from .forwards import Forward, Pending, State
 from .layers import check_named
 from .live import ON_FINDING, Live
@@ -105,8 +105,8 @@ class Watcher:
         self.pending = Pending(self._resolve)
         self.folder = folding.Folder(fold)
         self._kept: dict = {}  # mode id of a library's call that changed nothing -> the call it kept
+        self._feeds: dict = {}  # (model, model called on its output) -> times seen
         self._seq = 0  # forwards begun
-        self._called = False  # a layer was called since the last counted step
         self._failed = False
         self._closed = False
         self._child = False  # a forked child of the process that made this watcher
@@ -144,9 +144,11 @@ class Watcher:
 
     # ------------------------------------------------------------------ from the hooks (hooks.Recorder)
 
-    def begin_forward(self, frame: Any, model: int) -> Forward:
+    def begin_forward(self, frame: Any, model: int, args: tuple = ()) -> Forward:
         if self.pending.done:  # forwards whose graph died since: resolve them first, to keep the order
             self.pending.drain()
+        if args and type(args[0]) is torch.Tensor and self.pending.outputs:
+            self._fed_by(args[0].grad_fn, model)
         user, recalibrating = sites.user_frame(frame)
         self._seq += 1
         record = self.registry.models[model]
@@ -154,6 +156,19 @@ class Watcher:
             self._check_parameters(record)
         return Forward(self._seq, self.catalog.site(user), self.catalog.context(allowed_rules(), recalibrating),
                        self.step, model, record.steps, self.pending.done)
+
+    def _fed_by(self, node: Any, model: int) -> None:
+        """A model called on the output of another's forward (a GAN's discriminator on the
+        generator's images): the other is a generator, whose sampling in train mode is no
+        evaluation (stat-update-in-sampling). Written once seen twice, for one pair."""
+        source = self.pending.outputs.get(id(node)) if node is not None else None
+        if source is None or source == model:
+            return
+        pair = (source, model)
+        seen = self._feeds.get(pair, 0) + 1
+        self._feeds[pair] = seen
+        if seen == 2:
+            self.catalog.define("feeds", model=source, into=model)
 
     def _check_parameters(self, record: Any) -> None:
         """An EMA / momentum target (BYOL, MoCo, DINO, mean teacher): a model that no optimizer
@@ -168,8 +183,8 @@ class Watcher:
         record.mark = mark
 
     def end_forward(self, forward: Forward, output: Any) -> None:
+        self.state.stepped_since = False
         if forward.calls:
-            self._called = True
             self.pending.watch(forward, output)
         self.pending.drain()
         self._since_clock += 1
@@ -228,6 +243,17 @@ class Watcher:
         except Exception as exc:
             self.fail(exc)
 
+    def on_model_set_up(self, module: nn.Module, frame: Any) -> None:
+        """MODEWATCH=1: a module moved, loaded or frozen (``teacher.to(device)``,
+        ``teacher.load_state_dict(...)``) is watched as a model, unless it is one or part of one."""
+        if self.off or not self.discover or self.state.depth:
+            return
+        try:
+            if self.registry.lookup(module) is None:
+                self.add_model(module, frame)
+        except Exception as exc:
+            self.fail(exc)
+
     def on_functional_call(self, kind: str, p: Optional[float], training: bool, frame: Any) -> None:
         """A functional dropout (see ``functional``), recorded as a layer call of the module whose
         forward made it. Only inside a watched forward, and never during a backward (activation
@@ -254,22 +280,29 @@ class Watcher:
         if self.off:
             return
         try:
-            if not self.optimizers.step(optimizer, self.step) or not self._called:
-                return
-            self._called = False
+            if self.optimizers.step(optimizer, self.step):
+                self._count_step()
+        except Exception as exc:
+            self.fail(exc)
+
+    def _count_step(self) -> None:
+        """A step, counted when a watched forward ran since this thread's last one: back-to-back
+        steps of two optimizers (a GAN's) count once; threads each count their own."""
+        state = self.state
+        if state.stepped_since:
+            return
+        state.stepped_since = True
+        with self._lock:
             self.step += 1
             self.pending.drain()
             if self.pending.waiting:
-                with self._lock:
-                    models = self.registry.models
-                    self.pending.resolve_stale(lambda model: models[model].steps)
-            self._since_clock += CLOCK_EVERY // 4  # a step is worth several forwards of the clock's time
-            if self._since_clock >= CLOCK_EVERY:
-                self._since_clock = 0
-                if time.monotonic() - self._last_flush > self.flush_seconds:
-                    self.flush()
-        except Exception as exc:
-            self.fail(exc)
+                models = self.registry.models
+                self.pending.resolve_stale(lambda model: models[model].steps)
+        self._since_clock += CLOCK_EVERY // 4  # a step is worth several forwards of the clock's time
+        if self._since_clock >= CLOCK_EVERY:
+            self._since_clock = 0
+            if time.monotonic() - self._last_flush > self.flush_seconds:
+                self.flush()
 
     # ------------------------------------------------------------------ resolving and writing
 

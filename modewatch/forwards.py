@@ -30,7 +30,7 @@ class Forward:
     """One forward of a watched model, until it is known whether it was a training forward."""
 
     __slots__ = ("seq", "site", "context", "calls", "step", "model", "model_steps", "kind", "probes", "done",
-                 "resolved", "inference")
+                 "resolved", "inference", "output")
 
     def __init__(self, seq: int, site: Optional[int], context: int, step: int, model: int, model_steps: int,
                  done: collections.deque):
@@ -45,6 +45,7 @@ class Forward:
         self.probes = 0  # probes alive
         self.done = done  # the queue of forwards to resolve
         self.resolved = False
+        self.output = 0  # id of its first output's grad_fn, while it waits (see Pending.outputs)
         # Inference mode is read once per forward: tensors made under it cannot mix with
         # autograd, so a forward runs wholly inside it or wholly outside.
         self.inference = _is_inference()
@@ -86,10 +87,12 @@ class Probe:
 
 
 class State(threading.local):
-    """Per thread: the forward in progress and how deep inside watched forwards we are."""
+    """Per thread: the forward in progress, how deep inside watched forwards we are, and whether a
+    watched forward ran since this thread's last counted step."""
 
     forward: Optional[Forward] = None
     depth: int = 0
+    stepped_since: bool = True  # no forward since the last step
 
 
 def output_nodes(output: Any) -> list:
@@ -126,6 +129,7 @@ class Pending:
         self.resolve = resolve
         self.waiting: dict = {}  # seq -> forward whose graph may still be backpropagated
         self.done: collections.deque = collections.deque()
+        self.outputs: dict = {}  # id(grad_fn) of a waiting forward's output -> its model (who feeds whom)
 
     def watch(self, forward: Forward, output: Any) -> None:
         """A forward that made layer calls has ended: probe its outputs, or resolve it now."""
@@ -135,13 +139,16 @@ class Pending:
             return
         forward.probes = len(nodes)
         self.waiting[forward.seq] = forward
+        forward.output = id(nodes[0])
+        self.outputs[forward.output] = forward.model
         for node in nodes:
             node.register_prehook(Probe(forward))
         while len(self.waiting) > MAX_PENDING:
             self.resolve(self.waiting[next(iter(self.waiting))], None)
 
     def forget(self, forward: Forward) -> None:
-        self.waiting.pop(forward.seq, None)
+        if self.waiting.pop(forward.seq, None) is not None:
+            self.outputs.pop(forward.output, None)  # its graph may be freed, and the id reused
 
     def drain(self) -> None:
         done = self.done
@@ -165,3 +172,4 @@ class Pending:
     def clear(self) -> None:
         self.waiting.clear()
         self.done.clear()
+        self.outputs.clear()

@@ -37,7 +37,7 @@ class Recorder(Protocol):
     versions: list  # per norm layer id: its statistics counter's version after its last call
     marks: list  # per norm layer id: its frozen parameters' versions at its last call
 
-    def begin_forward(self, frame: Any, model: int) -> Any: ...
+    def begin_forward(self, frame: Any, model: int, args: tuple = ()) -> Any: ...
     def end_forward(self, forward: Any, output: Any) -> None: ...
     def unusual_call(self, hooks: "LayerHooks", module: nn.Module, args: tuple, output: Any) -> None: ...
     def copy_model(self, module: nn.Module, original: int) -> int: ...
@@ -98,7 +98,7 @@ class ModelHooks(Hooks):
             state = self.state
             if state.depth == 0:
                 model = self.model if id(module) == self.module_id else watcher.copy_model(module, self.model)
-                state.forward = watcher.begin_forward(sys._getframe(1), model)
+                state.forward = watcher.begin_forward(sys._getframe(1), model, args)
             state.depth += 1
         except Exception as exc:
             watcher.fail(exc)
@@ -113,7 +113,10 @@ class ModelHooks(Hooks):
                 state.depth -= 1
             if state.depth == 0 and state.forward is not None:
                 forward, state.forward = state.forward, None
-                watcher.end_forward(forward, output)
+                # Called even when the forward raised (always_call): then torch is handling the
+                # exception (an out-of-memory batch the program skips), and the forward is dropped.
+                if output is not None or sys.exc_info()[1] is None:
+                    watcher.end_forward(forward, output)
         except Exception as exc:
             watcher.fail(exc)
 

@@ -1,7 +1,8 @@
 """Which modules are mode-sensitive layers, and in which category ("dropout" or "norm").
 
 - torch's own: every Dropout (``_DropoutNd``), ``nn.MultiheadAttention`` (its attention dropout),
-  every ``_BatchNorm`` and InstanceNorm with ``track_running_stats=True``;
+  ``nn.LSTM``/``GRU``/``RNN`` with dropout between stacked layers, every ``_BatchNorm`` and
+  InstanceNorm with ``track_running_stats=True``;
 - named by the user: ``watch(model, layers={DropPath: "dropout", RunningNorm: "norm"})``;
 - found automatically: a *leaf* module (no submodules) of a class from outside torch whose
   ``forward`` reads ``self.training``: stochastic depth (timm's DropPath, torchvision's
@@ -50,6 +51,8 @@ def category(module: nn.Module, named: Mapping = {}) -> Optional[str]:
     """"dropout" or "norm" for a mode-sensitive layer, else None."""
     if isinstance(module, (_DropoutNd, nn.MultiheadAttention)):
         return "dropout"
+    if isinstance(module, nn.RNNBase):  # its own dropout, between stacked layers: only with several
+        return "dropout" if module.num_layers > 1 and module.dropout > 0 else None
     if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
         return "norm"
     for cls, named_category in named.items():

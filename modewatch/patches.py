@@ -4,7 +4,8 @@
 - ``torch.autograd.backward``/``grad`` are wrapped to tell a parameter-gradient backward from a
   gradient with respect to inputs only; the collector's probes on a forward's outputs read it.
 - A global optimizer step post-hook counts steps (it fires for every optimizer class).
-- ``Optimizer.__init__`` is wrapped so that MODEWATCH=1 can find the models being trained.
+- ``Optimizer.__init__`` is wrapped so that MODEWATCH=1 can find the models being trained, and
+  ``nn.Module.to``/``cuda``/``load_state_dict``/``requires_grad_`` those being set up.
 - Functional dropout (``F.dropout`` and variants, ``F.scaled_dot_product_attention``) is replaced
   by the wrappers of ``functional``, which tell the watchers of each call.
 - ``nn.Module.__getstate__`` leaves modewatch's hooks out of what is pickled (``torch.save(model)``),
@@ -145,6 +146,16 @@ def _optimizer_init(wrapped, instance, args, kwargs):
     return result
 
 
+def _model_set_up(wrapped, instance, args, kwargs):
+    """``.to()``, ``.cuda()``, ``.load_state_dict()``, ``.requires_grad_()``: a model being set up
+    (a teacher loaded and frozen, which never calls .train()/.eval() nor gets an optimizer)."""
+    result = wrapped(*args, **kwargs)
+    if _watchers and isinstance(instance, torch.nn.Module):
+        for watcher in tuple(_watchers):
+            watcher.on_model_set_up(instance, sys._getframe(1))
+    return result
+
+
 def _on_step(optimizer, args, kwargs):
     for watcher in tuple(_watchers):
         watcher.on_optimizer_step(optimizer)
@@ -190,6 +201,7 @@ _PATCHES = (
     (torch.autograd, "backward", _backward),
     (torch.autograd, "grad", _grad),
     (torch.optim.Optimizer, "__init__", _optimizer_init),
+    *((torch.nn.Module, name, _model_set_up) for name in ("to", "cuda", "load_state_dict", "requires_grad_")),
 )
 
 

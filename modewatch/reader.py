@@ -78,6 +78,7 @@ class Facts:
         self.optimized_models: set = set()  # model ids an optimizer holds parameters of
         self.optimized_layers: set = set()  # (model id, layer name) of norm layers an optimizer holds
         self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
+        self.feeding: set = set()  # model ids whose outputs another model was called on (generators)
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
 
 
@@ -366,6 +367,10 @@ class LogReader:
                 layer = self._ref(self._layers, ident)
                 if len(facts.optimized_layers) < MAX_TABLE:
                     facts.optimized_layers.add((layer.model, layer.name))
+        elif kind == "feeds":
+            if len(self.facts.feeding) < MAX_TABLE:
+                self.facts.feeding.add(_int(event.get("model")))
+            _int(event.get("into"))
         elif kind == "updated":
             if len(self.facts.updated_models) < MAX_TABLE:
                 self.facts.updated_models.add(_int(event.get("model")))

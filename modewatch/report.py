@@ -54,7 +54,7 @@ def _model_label(model: Optional[dict]) -> str:
     if not model:
         return "a model"
     site = model.get("site")
-    return f"{model['name']} ({os.path.basename(site['file'])}:{site['line']})" if site else model["name"]
+    return f"{model['name']} ({site['file']}:{site['line']})" if site else model["name"]
 
 
 def _headline(finding: Finding, logs: int, models: int = 1) -> str:
@@ -132,7 +132,10 @@ def text_report(analysis: Analysis) -> str:
 def _fixes(findings: list) -> list:
     """The distinct fixes of a group of findings, in order; an info finding's only where its
     rule says it is worth fixing (deliberate freezing and recalibration need none)."""
-    return list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or RULES[f.rule].fix_for_info))
+    fixes = list(dict.fromkeys(f.fix for f in findings if f.severity != "info" or RULES[f.rule].fix_for_info))
+    # A fix that another one begins with says nothing more (train-without-dropout's, beside
+    # bn-frozen-in-train's, which adds what to do for deliberate freezing).
+    return [fix for fix in fixes if not any(other != fix and other.startswith(fix[:-1]) for other in fixes)]
 
 
 # Markdown that text from a log could open: links and images ([...](...), ![...](...)), raw

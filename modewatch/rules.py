@@ -96,32 +96,37 @@ def _settle_frozen(cause: Any, seen: Any, final: bool) -> Any:
 
 
 def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
-    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target; a sampling
-    forward whose statistics the run never uses is stat-update-in-sampling; else as checked."""
+    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target. BatchNorm
+    statistics updated outside training in a generator (a model that trains in this run, on whose
+    outputs another model is called) whose layers never run in eval mode in the run are
+    stat-update-in-sampling: nothing in the run used them. Else as checked (a classifier validated
+    in train mode stays an error)."""
     target = seen.ema_target(cause.model)
     if target is not None:
         return "ema-target", "info" if target[0] == "updated" else "warning", target
     if not final and seen.undecided(cause.model):
         return ...
-    if cause.detail is not None and (cause.model, cause.detail[0]) not in seen.eval_mode:
+    if (cause.detail is not None and cause.model in seen.trained and cause.model in seen.facts.feeding
+            and (cause.model, cause.detail[0]) not in seen.eval_mode):
         return ("stat-update-in-sampling", "warning", None) if final else ...
     return cause.rule, cause.severity, None
 
 
 # ----------------------------------------------------------------------------- the rules
 
+TRAIN_AGAIN = "call model.train() before the training batches (after any evaluation that called model.eval())."
+
 _RULES = (
     Rule(
         "train-without-dropout", "error",
         "{training} ran Dropout in eval mode, with dropout off ({layers}).",
-        "call model.train() before the training batches (after any evaluation that called model.eval()).",
+        TRAIN_AGAIN,
         check=lambda c, _: "error" if _training_forward(c) and _active_dropout(c) and not c.training else None,
     ),
     Rule(
         "bn-frozen-in-train", "error",
         "{training} ran BatchNorm in eval mode, with running statistics frozen ({layers}).",
-        "call model.train() before the training batches; to freeze BatchNorm on purpose, put only the "
-        "BatchNorm layers in eval mode.",
+        f"{TRAIN_AGAIN[:-1]}; to freeze BatchNorm on purpose, put only the BatchNorm layers in eval mode.",
         check=lambda c, _: (("info" if deliberate_freeze(c.mode) else "error")
                             if _training_forward(c) and _norm(c) and not c.training else None),
         variants={"info": "{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode one "
@@ -135,8 +140,8 @@ _RULES = (
         "statistics).",
         check=lambda c, _: "error" if _evaluation(c) and _norm(c) and c.stats_changed else None,
         in_train_mode=True,
-        # Sampling (grad enabled, never backpropagated) waits for the whole log, layer by layer.
-        detail=lambda c: (c.layer.name, "sampling") if c.forward_kind == GRAPH_UNUSED else None,
+        # Whether the layer ever runs in eval mode in the run waits for the whole log (sampling).
+        detail=lambda c: (c.layer.name, "sampling"),
         settle=_settle_evaluation,
     ),
     Rule(
@@ -205,11 +210,11 @@ _RULES = (
     ),
     Rule(
         "stat-update-in-sampling", "warning",
-        "{evaluation} with grad enabled that no backward used (sampling?) updated BatchNorm running statistics in "
-        "train mode ({layers}); these layers never ran in eval mode in this run, so nothing here used those "
-        "statistics, but a checkpoint of the model carries them.",
-        "to sample with the statistics learnt, call model.eval() before sampling and model.train() after; "
-        "sampling in train mode on purpose (as many GANs do) needs no change.",
+        "{evaluation} that no backward used (sampling) updated the BatchNorm running statistics of a generator "
+        "({layers}); these layers never ran in eval mode in this run, so nothing here used those statistics, "
+        "but a checkpoint of the model carries them.",
+        "to sample or evaluate with the statistics learnt, call model.eval() before and model.train() after; "
+        "sampling a generator in train mode on purpose (as many GANs do) needs no change.",
         in_train_mode=True,
         # What stat-update-in-eval settles into (see _settle_evaluation).
     ),

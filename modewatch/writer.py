@@ -67,6 +67,9 @@ class LogWriter:
     def optimized(self, step: int, models: list, layers: list) -> None:
         self._log.msg("optimized", step=step, models=models, layers=layers)
 
+    def feeds(self, model: int, into: int) -> None:
+        self._log.msg("feeds", model=model, into=into)
+
     def updated(self, model: int, step: int) -> None:
         self._log.msg("updated", model=model, step=step)
 

@@ -5,6 +5,7 @@ DINO, mean teacher, WGAN, DCGAN, transfer learning, hyper-parameter searches), r
 runs it: watched with ``watch()``, or every model found as under ``MODEWATCH=1``.
 """
 
+import contextlib
 import copy
 import glob
 import json
@@ -266,7 +267,7 @@ def test_threads_training_their_own_models_never_count_each_others_steps(log):
 
 # ----------------------------------------------------------------------------- sampling from a generator
 
-def dcgan_loop(evaluate_at_end):
+def dcgan_loop(evaluate_at_end, no_grad=False):
     generator = encoder()
     discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
     opt_g = torch.optim.Adam(generator.parameters())
@@ -283,7 +284,8 @@ def dcgan_loop(evaluate_at_end):
         loss_g.backward()
         opt_g.step()
         if step % 2 == 0:
-            samples = generator(fixed_noise).detach()  # <- sampling
+            with torch.no_grad() if no_grad else contextlib.nullcontext():  # the tutorial's, or examples'
+                samples = generator(fixed_noise).detach()  # <- sampling
     if evaluate_at_end:
         generator.eval()
         with torch.no_grad():
@@ -291,11 +293,13 @@ def dcgan_loop(evaluate_at_end):
     return samples
 
 
-def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log):
-    """pytorch/examples dcgan: netG(fixed_noise) with grad enabled, never backpropagated, and
-    netG never in eval mode: its statistics are never used in this run. A warning that says so."""
+@pytest.mark.parametrize("no_grad", [False, True], ids=["examples", "tutorial"])
+def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_grad):
+    """pytorch/examples dcgan samples netG(fixed_noise) with grad enabled, the DCGAN tutorial
+    under no_grad; netG is never in eval mode, so its statistics are never used in this run. A
+    generator is a model another model is called on (the discriminator). A warning that says so."""
     with watch_everything(log):
-        dcgan_loop(evaluate_at_end=False)
+        dcgan_loop(evaluate_at_end=False, no_grad=no_grad)
     (finding,) = modewatch.analyze(log).findings
     assert (finding.rule, finding.severity) == ("stat-update-in-sampling", "warning")
     assert "never ran in eval mode in this run" in finding.message
@@ -606,3 +610,112 @@ def test_a_log_that_cannot_be_started_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(modewatch.LogPathError, match="No space left on device"):
         modewatch.watch(Net(), log=tmp_path / "run.jsonl")
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- from a new user's trial
+
+class SkipsBatches(nn.Module):
+    """A model whose forward fails on some batches after its BatchNorm ran (an out-of-memory
+    error, a NaN check): the program catches the error and skips the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.2))
+        self.head = nn.Linear(16, 2)
+        self.fail = False
+
+    def forward(self, x):
+        hidden = self.net(x)
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.head(hidden)
+
+
+def test_a_forward_that_raises_is_no_evaluation(log):
+    """An aborted forward (caught by the program, the batch skipped) is dropped, not taken for an
+    evaluation in train mode: no stat-update-in-eval or dropout-in-eval."""
+    model = SkipsBatches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for step, (x, y) in enumerate(batches(6)):
+            model.fail = step % 2 == 1
+            try:
+                train_step(model, optimizer, x, y)
+            except RuntimeError:
+                continue
+    analysis = modewatch.analyze(log)
+    assert analysis.findings == [] and analysis.summary["layer_calls"] == 3 * 2
+
+
+def test_a_teacher_only_loaded_and_frozen_is_found_under_modewatch(log):
+    """Knowledge distillation under MODEWATCH=1: a teacher that never calls .train()/.eval() and
+    has no optimizer is found where it is set up (moved, loaded or frozen), and running it in
+    train mode is reported."""
+    student = encoder()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with watch_everything(log):
+        teacher = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Dropout(0.3), nn.Linear(32, 8))
+        teacher.load_state_dict(teacher.state_dict())  # <- teacher loaded
+        teacher.requires_grad_(False)
+        student.train()
+        for x, _ in batches(4):
+            with torch.no_grad():
+                soft = teacher(x)
+            loss = (student(x) - soft).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    found = findings_by_rule(modewatch.analyze(log))
+    assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
+                                                                 ("dropout-in-eval", "error")}
+    assert found["dropout-in-eval"].model["site"]["line"] == line_of("teacher loaded")
+
+
+class LanguageModel(nn.Module):
+    """pytorch/examples word_language_model's shape: the only dropout is the LSTM's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, dropout=0.5)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.unsqueeze(0))[0][0])
+
+
+def test_the_dropout_of_a_stacked_lstm_is_watched(log):
+    """nn.LSTM's dropout between stacked layers is a dropout layer: left off by an evaluation in
+    the training loop, it is train-without-dropout."""
+    model = LanguageModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for step, (x, y) in enumerate(batches(4)):
+            train_step(model, optimizer, x, y)
+            if step == 1:
+                model.eval()  # <- lstm eval
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.layers, finding.count) == ("train-without-dropout", ["lstm"], 2)
+    assert finding.mode_site["line"] == line_of("lstm eval")
+
+
+def test_every_step_of_every_thread_and_model_is_counted(log):
+    """Steps are counted per thread (one thread's step never swallows another's), and also for
+    models with no Dropout or BatchNorm layer."""
+    models = [nn.Linear(8, 2), nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 2))]
+
+    def train(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        for x, y in batches(20):
+            train_step(model, optimizer, x, y)
+
+    with watch_everything(log):
+        for model in models:
+            model.train()
+        threads = [threading.Thread(target=train, args=(model,)) for model in models]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert modewatch.analyze(log).summary["steps"] == 2 * 20
