@@ -7,15 +7,16 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Mapping
 
 from ._version import __version__
 from .allow import allow  # eager: the submodule of the same name would shadow a lazy function
 from .errors import (LogFormatError, LogPathError, ModeFindingError, ModewatchError, ModewatchWarning,
                      UnknownRuleError)
 
-if TYPE_CHECKING:  # for the annotations only: `import modewatch` imports no torch
+TYPE_CHECKING = False  # for the annotations only: `import modewatch` imports no torch, nor typing
+if TYPE_CHECKING:
     import os
+    from typing import Any, Mapping
 
     import torch
 

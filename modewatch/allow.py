@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from .rules import RULES, check_rules
 

@@ -8,8 +8,9 @@ Imports no torch.
 from __future__ import annotations
 
 import collections
-import copy
-from typing import Any, Callable, Iterable, Optional
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable, Optional
 
 from . import ranks as distributed
 from .errors import LogFormatError
@@ -139,7 +140,9 @@ class _Cause:
         self.rules |= other.rules
 
     def copy(self) -> "_Cause":
-        twin = copy.copy(self)
+        twin = _Cause.__new__(_Cause)  # not copy.copy: the copy module is not worth its import here
+        for name in _Cause.__slots__:
+            setattr(twin, name, getattr(self, name))
         twin.layers, twin.kinds, twin.rules = dict(self.layers), dict(self.kinds), set(self.rules)
         return twin
 

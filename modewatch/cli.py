@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import sys
-from typing import Callable, Optional, Sequence
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional, Sequence
 
 from ._version import __version__
 from .errors import LogFormatError, ModewatchError
@@ -25,7 +26,22 @@ def _error(message: str) -> None:
     sys.stderr.write(f"modewatch: error: {neutralise(message)}\n")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, sized without importing shutil (and with it bz2 and lzma) at every start."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns - 2
+        except (AttributeError, OSError, ValueError):
+            width = 78
+        super().__init__(prog, width=max(width, 40))
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's default is the same code)
         _error(f"{message} (see 'modewatch {self.prog.split()[-1]} --help')")
         self.exit(USAGE)
@@ -192,6 +208,8 @@ def _run(argv: list) -> int:
         if not _module_exists(argv[1]):
             sys.stderr.write(f"modewatch: error: no module named {argv[1]!r} (see 'modewatch run --help')\n")
             return USAGE
+        import runpy
+
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return OK
     script = argv[0]
@@ -202,6 +220,8 @@ def _run(argv: list) -> int:
     sys.argv = list(argv)
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` has it
     # An absolute path, as `python script.py` gives __main__: call sites read the same either way.
+    import runpy
+
     runpy.run_path(os.path.abspath(script), run_name="__main__")
     return OK
 
@@ -219,6 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # not argparse: the program's own arguments must pass untouched
         return _run(argv[1:])
+    if argv == ["--version"]:  # at once, without building the parser (and importing the analysis)
+        sys.stdout.write(f"modewatch {__version__}\n")
+        return OK
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -190,25 +190,37 @@ class NormHooks(LayerHooks):
 
     def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
         training = module.training
-        changed = frozen = 0
-        if self.counter is None:
-            version = buffers_version(module)
+        flags = MODE_FLAGS[training][_is_grad_enabled()]
+        counter = self.counter
+        if counter is not None:  # torch's own layers: one buffer's version counter
+            tracked = _own_buffers(module).get(counter)
+            if tracked is None:
+                version = None
+            else:
+                try:
+                    version = tracked._version
+                except RuntimeError:  # an inference tensor: no version counter
+                    version = -1
+            momentum = module.momentum
         else:
-            tracked = _own_buffers(module).get(self.counter)
-            version = None if tracked is None else _version(tracked)
+            version = buffers_version(module)
+            momentum = number(getattr(module, "momentum", 0.0))
         if version is not None:
-            if version != self.versions[layer] and (training or self.exact):
-                changed = STATS_CHANGED
-            self.versions[layer] = version
+            versions = self.versions
+            if version != versions[layer] and (training or self.exact):
+                flags |= STATS_CHANGED
+            versions[layer] = version
         parameters = _own_parameters(module)
         weight = parameters.get("weight")
         if weight is None or not weight.requires_grad:  # rare: frozen, affine=False or custom
-            frozen = self.frozen(layer, parameters)
-        shape = args[0].shape if args and isinstance(args[0], torch.Tensor) else ()
+            flags |= self.frozen(layer, parameters)
+        try:
+            shape = args[0].shape
+            batch = shape[0] if len(shape) > 1 else None
+        except (IndexError, AttributeError, TypeError):  # no tensor input
+            batch = None
         mode_id, mode = self.modes[layer]
-        momentum = module.momentum if self.counter is not None else number(getattr(module, "momentum", 0.0))
-        return (layer, MODE_FLAGS[training][_is_grad_enabled()] | changed | frozen, shape[0] if len(shape) > 1 else None,
-                momentum, mode_id if mode == training else None)
+        return layer, flags, batch, momentum, mode_id if mode == training else None
 
     def frozen(self, layer: int, parameters: dict) -> int:
         """FROZEN when the layer has parameters and none requires grad; PARAMS_MOVED as well when

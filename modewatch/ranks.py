@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from typing import Any, NamedTuple, Optional
+import collections
+
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 from .format import PARAM_GRAD
 from .reader import Calls
@@ -240,19 +244,12 @@ def _union(pairs: Any) -> list:
     return merged
 
 
-class Mismatch(NamedTuple):
-    """The steps at which one rank trained layers in eval mode, set by one mode call, while other
-    ranks trained them in train mode: the data of one rank-mode-mismatch finding."""
-
-    rank: int
-    mode: Any  # the ModeSet that set the rank's eval mode (None: no call)
-    layers: list  # plain names, in order of first mismatch
-    count: int  # layer calls
-    first: int  # the first and last step in which the modes differed
-    last: int
-    site: Any  # the line that called the model, first time
-    order: tuple  # where in the job it first happened, for sorting
-    batches: int  # forwards (batches) of the layer that saw most
+Mismatch = collections.namedtuple("Mismatch", "rank mode layers count first last site order batches")
+Mismatch.__doc__ = """The steps at which one rank trained layers in eval mode, set by one mode call (`mode`: a
+ModeSet, None for no call), while other ranks trained them in train mode: the data of one rank-mode-mismatch finding.
+`layers`: plain names, in order of first mismatch; `count`: layer calls; `first`, `last`: the first and last step in
+which the modes differed; `site`: the line that called the model, first time; `order`: where in the job it first
+happened; `batches`: forwards of the layer that saw most."""
 
 
 def mismatches(timelines: Timelines) -> list:

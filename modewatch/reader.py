@@ -6,11 +6,14 @@ field is checked, every table is bounded, and a line that does not parse is coun
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import stat
-from typing import IO, Any, Iterator, NamedTuple, Optional
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import IO, Any, Iterator, Optional
 
 from ._version import __version__
 from .errors import LogFormatError
@@ -32,40 +35,37 @@ MAX_INT = (1 << 63) - 1
 EVENT_START = b'{"event":"'
 
 
-class Header(NamedTuple):
-    schema: int
-    modewatch: str
-    torch: Optional[str]
-    python: Optional[str]
-    pid: Optional[int]
-    argv: tuple
-    rank: Optional[int]
-    world_size: Optional[int]
+def _record(name: str, fields: str, doc: str, defaults: tuple = ()) -> type:
+    """An immutable record: a named tuple (cheaper to make and to read than typing.NamedTuple,
+    whose import alone would cost the CLI's start-up more than all of its own)."""
+    record = collections.namedtuple(name, fields.split(), defaults=defaults)
+    record.__doc__ = doc
+    return record
 
 
-class Site(NamedTuple):
-    file: str
-    line: int
-    function: str
+Header = _record("Header", "schema modewatch torch python pid argv rank world_size", "A log's first line.")
+Site = _record("Site", "file line function", "A line of user code.")
+Layer = _record("Layer", "name kind category model copy site params", """A watched layer: its qualified name, class
+(`kind`), category ("dropout" or "norm"), model id; `copy`: a deep copy of a watched layer, found when first called;
+`site`: for a functional dropout, the line that calls the function; `params`: a norm layer with parameters of its
+own.""", defaults=(None, False))
+Model = _record("Model", "name site copy_of parameters", """A watched model: its class, the line that watched it
+(or made it, for a deep copy), the id of the model it is a deep copy of, and how many numbers its parameters hold
+(for likeness).""", defaults=(None,))
+ModeSet = _record("ModeSet", "site call mode target scope initial via kept", """One `.train()`/`.eval()` call:
+its site, `call` ("train" or "eval"), the `mode` it set, the qualified name of the module it was called on
+(`target`; None if outside), `scope` ("model", "submodule", "layer", "outside": a wrapper above the model);
+`initial`: not a call that was seen but the mode a model was already in when watching began (site: where watching
+began); `via`: the library function the user's line called, which made the call; `kept`: the earlier call whose
+mode this library call only kept.""", defaults=(False, None, None))
+Context = _record("Context", "allow recalibration", "What ran around a forward: rules allowed, recalibration.")
+Calls = _record("Calls", "layer forward_kind training grad inference stats_changed batch param mode site context "
+                "frozen moved first_step last_step first_forward forwards calls", """A run of identical layer
+calls, with every reference resolved: its state (the first STATE_LENGTH fields: `param` is dropout p or BatchNorm
+momentum, None for a cumulative average; `frozen`: a norm layer whose parameters all had requires_grad=False;
+`moved`: ... and changed since its previous call all the same) and its counts.""")
 
-
-class Layer(NamedTuple):
-    name: str
-    kind: str
-    category: str  # "dropout" or "norm"
-    model: int
-    copy: bool  # a deep copy of a watched layer, found when it was first called
-    site: Optional[Site] = None  # a functional dropout: the line that calls the function
-    params: bool = False  # a norm layer with parameters of its own
-
-
-class Model(NamedTuple):
-    """A watched model: its class, and the line that watched it (or made it, for a deep copy)."""
-
-    name: str
-    site: Optional[Site]
-    copy_of: Optional[int]  # the id of the model it is a deep copy of
-    parameters: Optional[int] = None  # how many numbers its parameters hold, for likeness
+NO_CONTEXT = Context(frozenset(), False)
 
 
 class Facts:
@@ -80,52 +80,6 @@ class Facts:
         self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
         self.feeding: set = set()  # model ids whose outputs another model was called on (generators)
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
-
-
-class ModeSet(NamedTuple):
-    """One `.train()`/`.eval()` call site, with the mode it set and the module it was called on."""
-
-    site: Optional[Site]
-    call: str  # "train" or "eval"
-    mode: bool
-    target: Optional[str]  # qualified name of the module it was called on; None if outside
-    scope: str  # "model", "submodule", "layer" or "outside" (a wrapper above the model)
-    # The mode the model was already in when watching began (a loaded model starts in eval mode):
-    # not a call that was seen; site is then where watching began.
-    initial: bool = False
-    via: Optional[str] = None  # the library function the user's line called, which made the call
-    kept: Optional["ModeSet"] = None  # the earlier call whose mode this library call only kept
-
-
-class Context(NamedTuple):
-    allow: frozenset
-    recalibration: bool
-
-
-NO_CONTEXT = Context(frozenset(), False)
-
-
-class Calls(NamedTuple):
-    """A run of identical layer calls, with every reference resolved."""
-
-    layer: Layer
-    forward_kind: int
-    training: bool
-    grad: bool
-    inference: bool
-    stats_changed: bool
-    batch: Optional[int]
-    param: Optional[float]  # dropout p, or BatchNorm momentum (None: cumulative average)
-    mode: Optional[ModeSet]
-    site: Optional[Site]
-    context: Context
-    frozen: bool  # a norm layer whose parameters all had requires_grad=False
-    moved: bool  # ... and changed since its previous call all the same (a momentum update)
-    first_step: int
-    last_step: int
-    first_forward: int
-    forwards: int
-    calls: int
 
 
 STATE_LENGTH = 13  # the fields of Calls before its counts: what a run of calls was (its resolved row state)

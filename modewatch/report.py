@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Optional
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 from ._version import __version__
 from .analysis import Analysis, Finding, plural

@@ -9,7 +9,9 @@ here. docs/rules/ has a page per rule. Imports no torch.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Mapping
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Mapping
 
 from .errors import UnknownRuleError
 from .format import GRAPH_UNUSED, PARAM_GRAD

@@ -8,7 +8,9 @@ Imports no torch.
 from __future__ import annotations
 
 import os
-from typing import Callable
+TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
+if TYPE_CHECKING:
+    from typing import Callable
 
 from .format import PARAM_GRAD
 from .reader import Calls, Header, job_rank
