@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Iterator

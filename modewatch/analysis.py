@@ -8,13 +8,14 @@ Imports no torch.
 from __future__ import annotations
 
 import collections
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterable, Optional
 
 from . import ranks as distributed
 from .errors import LogFormatError
-from .format import GRAPH_UNUSED, PARAM_GRAD
+from .format import PARAM_GRAD
 from .reader import MAX_TABLE, STATE_LENGTH, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
 from .rules import RULES, check_rules, rules_for, severity_rank
 

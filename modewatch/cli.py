@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Any, Callable, Optional, Sequence

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional, Protocol
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd

@@ -9,9 +9,9 @@ O(n log n) in the spans kept, whatever the number of ranks. Imports no torch.
 
 from __future__ import annotations
 
+import collections
 from array import array
 from bisect import bisect_right
-import collections
 
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:

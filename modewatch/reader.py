@@ -11,16 +11,15 @@ import json
 import math
 import os
 import stat
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import IO, Any, Iterator, Optional
 
 from ._version import __version__
 from .errors import LogFormatError
-
-from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED, GRAPH_UNUSED, HEADER_EVENT,  # noqa: F401
-                     INFERENCE, INPUT_GRAD, NO_GRAPH, PARAM_GRAD, PARAMS_MOVED, ROW_FIELDS, ROW_LENGTH, SCHEMA, SCOPES,
-                     STATS_CHANGED, TRAINING, is_log_name)
+from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED, HEADER_EVENT, INFERENCE, PARAMS_MOVED,
+                     ROW_LENGTH, SCHEMA, SCOPES, STATS_CHANGED, TRAINING, is_log_name)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Any, Optional

@@ -9,6 +9,7 @@ here. docs/rules/ has a page per rule. Imports no torch.
 from __future__ import annotations
 
 import collections
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Any, Iterable, Mapping

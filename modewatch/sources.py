@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import stat
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Iterable, Union
+
 
 MAX_SOURCE = 2 << 20  # bytes of one file
 MAX_TOTAL = 64 << 20  # bytes read for one report, however many files its findings name

@@ -8,6 +8,7 @@ Imports no torch.
 from __future__ import annotations
 
 import os
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Callable

