@@ -19,7 +19,7 @@ class Catalog:
         self.written: list = []  # every (event, fields) written, to start a forked child's log
         self._ids: dict = {}  # (kind, key) -> id
         self._counts: collections.Counter = collections.Counter()  # ids given, per kind
-        self._sites: dict = {}  # (id(code), line) -> (code, site id)
+        self._sites: dict = {}  # (id(code), instruction offset) -> (code, site id)
 
     def define(self, event: str, **fields: Any) -> None:
         self.pending.append((event, fields))
@@ -37,16 +37,19 @@ class Catalog:
             return ident
 
     def site(self, frame: Any) -> Optional[int]:
-        """The site id of a frame's current line (None for no frame)."""
+        """The site id of a frame's current line (None for no frame). Looked up by the frame's
+        instruction offset: ``f_lineno`` is worked out from the line table at each read."""
         if frame is None:
             return None
-        code, line = frame.f_code, frame.f_lineno
-        known = self._sites.get((id(code), line))
+        code, offset = frame.f_code, frame.f_lasti
+        known = self._sites.get((id(code), offset))
         if known is not None:
             return known[1]
+        line = frame.f_lineno
         ident = self.intern("site", (id(code), line), lambda ident: self.define(
             "site", id=ident, file=code.co_filename, line=line, function=code.co_name))
-        self._sites[id(code), line] = (code, ident)
+        if len(self._sites) < 100_000:  # code of exec'd strings could be endless
+            self._sites[id(code), offset] = (code, ident)
         return ident
 
     def context(self, allow: frozenset, recalibration: bool) -> int:

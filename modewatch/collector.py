@@ -276,33 +276,32 @@ class Watcher:
         except Exception as exc:
             self.fail(exc)
 
-    def on_optimizer_step(self, optimizer: Any) -> None:
+    def on_optimizer_step(self, optimizer: Any, args: Any = None, kwargs: Any = None) -> None:
+        """An optimizer step post-hook (every optimizer class). A step is counted when the
+        optimizer holds a watched model's parameters and a watched forward ran since this thread's
+        last step: back-to-back steps of two optimizers (a GAN's) count once; threads each count
+        their own."""
         if self.off:
             return
         try:
-            if self.optimizers.step(optimizer, self.step):
-                self._count_step()
+            state = self.state
+            if not self.optimizers.step(optimizer, self.step) or state.stepped_since:
+                return
+            state.stepped_since = True
+            with self._lock:
+                self.step += 1
+                pending = self.pending
+                pending.drain()
+                if pending.waiting:
+                    models = self.registry.models
+                    pending.resolve_stale(lambda model: models[model].steps)
+            self._since_clock += CLOCK_EVERY // 4  # a step is worth several forwards of the clock's time
+            if self._since_clock >= CLOCK_EVERY:
+                self._since_clock = 0
+                if time.monotonic() - self._last_flush > self.flush_seconds:
+                    self.flush()
         except Exception as exc:
             self.fail(exc)
-
-    def _count_step(self) -> None:
-        """A step, counted when a watched forward ran since this thread's last one: back-to-back
-        steps of two optimizers (a GAN's) count once; threads each count their own."""
-        state = self.state
-        if state.stepped_since:
-            return
-        state.stepped_since = True
-        with self._lock:
-            self.step += 1
-            self.pending.drain()
-            if self.pending.waiting:
-                models = self.registry.models
-                self.pending.resolve_stale(lambda model: models[model].steps)
-        self._since_clock += CLOCK_EVERY // 4  # a step is worth several forwards of the clock's time
-        if self._since_clock >= CLOCK_EVERY:
-            self._since_clock = 0
-            if time.monotonic() - self._last_flush > self.flush_seconds:
-                self.flush()
 
     # ------------------------------------------------------------------ resolving and writing
 

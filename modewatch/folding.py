@@ -14,7 +14,9 @@ from .format import row
 
 
 class Run:
-    """Consecutive forwards of one kind, site and context that made exactly the same calls."""
+    """Consecutive forwards of one kind, site and context that made exactly the same calls.
+    Forwards are resolved roughly, not strictly, in order (a late backward): the steps and the
+    first forward are a minimum and a maximum (kept by Folder.add)."""
 
     __slots__ = ("calls", "first_step", "last_step", "first_forward", "forwards")
 
@@ -23,16 +25,6 @@ class Run:
         self.first_step = self.last_step = step
         self.first_forward = seq
         self.forwards = 1
-
-    def add(self, step: int, seq: int) -> None:
-        # Forwards are resolved roughly, not strictly, in order (a late backward): min and max.
-        if step < self.first_step:
-            self.first_step = step
-        elif step > self.last_step:
-            self.last_step = step
-        if seq < self.first_forward:
-            self.first_forward = seq
-        self.forwards += 1
 
     def rows(self, key: tuple) -> list:
         """The log rows of this run: one per distinct layer call of its forwards."""
@@ -53,8 +45,14 @@ class Folder:
     def add(self, key: tuple, calls: list, step: int, seq: int) -> None:
         """One resolved forward, keyed by (kind, site, context)."""
         run = self.runs.get(key)
-        if run is not None and self.fold and run.calls == calls:
-            run.add(step, seq)
+        if run is not None and self.fold and run.calls == calls:  # steady training: Run.add, inline
+            if step < run.first_step:
+                run.first_step = step
+            elif step > run.last_step:
+                run.last_step = step
+            if seq < run.first_forward:
+                run.first_forward = seq
+            run.forwards += 1
             return
         if run is not None:
             self.rows.extend(run.rows(key))

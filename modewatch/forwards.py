@@ -133,7 +133,11 @@ class Pending:
 
     def watch(self, forward: Forward, output: Any) -> None:
         """A forward that made layer calls has ended: probe its outputs, or resolve it now."""
-        nodes = output_nodes(output)
+        if type(output) is torch.Tensor:  # the common case, without output_nodes' call
+            node = output.grad_fn
+            nodes = [] if node is None else [node]
+        else:
+            nodes = output_nodes(output)
         if not nodes:
             self.resolve(forward, NO_GRAPH)
             return

@@ -21,28 +21,27 @@ class Optimizers:
     def __init__(self, registry: Registry, catalog: Catalog):
         self.registry = registry
         self.catalog = catalog
-        self._seen: dict = {}  # id(optimizer) -> (weakref, param groups seen, model indices)
+        self._seen: dict = {}  # id(optimizer) -> (weakref, param groups seen, Model records it holds)
 
     def forget(self) -> None:
         """A model was added: every optimizer's verdict may change."""
         self._seen.clear()
 
-    def step(self, optimizer: Any, step: int) -> tuple:
-        """An optimizer stepped: count it for the models it holds; returns their indices."""
-        models = self.models_of(optimizer, step)
-        for index in models:
-            record = self.registry.models[index]
-            record.steps += 1
-            record.stepped = True
-        return models
-
-    def models_of(self, optimizer: Any, step: int) -> tuple:
-        """The indices of the watched models whose parameters ``optimizer`` holds."""
+    def step(self, optimizer: Any, step: int) -> bool:
+        """An optimizer stepped: count it for the models it holds; whether it holds any."""
         groups = optimizer.param_groups
         seen = (len(groups), id(groups[-1]["params"]) if groups else None)
         cached = self._seen.get(id(optimizer))
-        if cached is not None and cached[1] == seen and cached[0]() is optimizer:
-            return cached[2]
+        if cached is None or cached[1] != seen or cached[0]() is not optimizer:
+            cached = self._look_at(optimizer, groups, seen, step)
+        for record in cached[2]:
+            record.steps += 1
+            record.stepped = True
+        return bool(cached[2])
+
+    def _look_at(self, optimizer: Any, groups: list, seen: tuple, step: int) -> tuple:
+        """The watched models whose parameters ``optimizer`` holds (kept, with what was seen of its
+        param groups); the first time, an ``optimized`` event."""
         registry = self.registry
         with registry.lock:
             held = {id(p) for group in groups for p in group["params"]}
@@ -54,12 +53,12 @@ class Optimizers:
                 # Read again: a head replaced after watch() (transfer learning) has new parameters.
                 record.param_ids = frozenset(id(p) for p in module.parameters())
                 if not record.param_ids.isdisjoint(held):
-                    models.append(record.index)
+                    models.append(record)
             layers = [layer for layer, ref in registry.norm_layers if (module := ref()) is not None
                       and any(id(p) in held for p in compat.own_parameters(module).values() if p is not None)]
             if models:
-                self.catalog.define("optimized", step=step, models=models, layers=layers)
+                self.catalog.define("optimized", step=step, models=[m.index for m in models], layers=layers)
             if len(self._seen) > 64:
                 self._seen = {key: value for key, value in self._seen.items() if value[0]() is not None}
-            self._seen[id(optimizer)] = (weakref.ref(optimizer), seen, tuple(models))
-            return tuple(models)
+            cached = self._seen[id(optimizer)] = (weakref.ref(optimizer), seen, tuple(models))
+            return cached

@@ -33,7 +33,7 @@ from .format import INPUT_GRAD, PARAM_GRAD
 _lock = threading.Lock()
 _watchers: list = []  # active Watcher objects, in creation order
 _originals: dict = {}  # (owner, name) -> (original attribute, what was put in its place), while patched
-_step_hook = None
+_step_hooks: dict = {}  # watcher -> the handle of its optimizer step post-hook
 
 # The kinds of backward in progress, per thread that started one (its stack). On a CPU the
 # autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
@@ -96,9 +96,21 @@ def _with_kind(kind: int, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _backward(wrapped, instance, args, kwargs):
-    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
-    inputs = kwargs.get("inputs", args[5] if len(args) > 5 else None)
-    return _with_kind(_kind_of(inputs), wrapped, args, kwargs)
+    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs).
+    # Once per training step: _with_kind inline, one Python frame.
+    inputs = kwargs.get("inputs") if "inputs" in kwargs else (args[5] if len(args) > 5 else None)
+    kind = PARAM_GRAD if inputs is None else _kind_of(inputs)
+    ident = threading.get_ident()
+    stack = _backward_kinds.get(ident)
+    if stack is None:
+        stack = _backward_kinds[ident] = []
+    stack.append(kind)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        stack.pop()
+        if not stack:
+            _backward_kinds.pop(ident, None)
 
 
 def _grad(wrapped, instance, args, kwargs):
@@ -154,11 +166,6 @@ def _model_set_up(wrapped, instance, args, kwargs):
         for watcher in tuple(_watchers):
             watcher.on_model_set_up(instance, sys._getframe(1))
     return result
-
-
-def _on_step(optimizer, args, kwargs):
-    for watcher in tuple(_watchers):
-        watcher.on_optimizer_step(optimizer)
 
 
 _COPY_CODES = (copy.deepcopy.__code__, copy.copy.__code__)
@@ -285,8 +292,8 @@ def _release_sigterm() -> None:
 
 
 def attach(watcher: Any) -> None:
-    """Add an active watcher; install the patches if it is the first."""
-    global _step_hook
+    """Add an active watcher; install the patches if it is the first. Each watcher has an
+    optimizer step post-hook of its own (its bound method: no loop over watchers per step)."""
     with _lock:
         if not _watchers:
             _catch_sigterm()
@@ -295,16 +302,18 @@ def attach(watcher: Any) -> None:
             _install_functional()
             _replace(torch.nn.Module, "__getstate__", _make_getstate(torch.nn.Module.__dict__["__getstate__"]))
             wrapt.register_post_import_hook(_keep_out_of_compiled_graphs, "torch._dynamo")
-            _step_hook = register_optimizer_step_post_hook(_on_step)
         _watchers.append(watcher)
+        _step_hooks[watcher] = register_optimizer_step_post_hook(watcher.on_optimizer_step)
 
 
 def detach(watcher: Any) -> None:
     """Remove a watcher; restore torch as it was when the last one goes."""
-    global _step_hook
     with _lock:
         if watcher in _watchers:
             _watchers.remove(watcher)
+        handle = _step_hooks.pop(watcher, None)
+        if handle is not None:
+            handle.remove()
         if _watchers or not _originals:
             return
         for (owner, name), (original, replacement) in _originals.items():
@@ -314,9 +323,6 @@ def detach(watcher: Any) -> None:
                 setattr(owner, name, original)
         _originals.clear()
         _release_sigterm()
-        if _step_hook is not None:
-            _step_hook.remove()
-            _step_hook = None
 
 
 def active_watchers() -> tuple:

@@ -63,6 +63,19 @@ def verdict(code: CodeType) -> int:
 def user_frame(frame: Optional[FrameType], skip_code=None) -> tuple[Optional[FrameType], bool]:
     """The first frame from ``frame`` outwards that is user code, and whether a recalibration
     function was passed on the way. ``skip_code(frame)`` may skip further user frames."""
+    if skip_code is None:  # the common case, once per forward: the verdicts looked up inline
+        recalibrating = False
+        verdicts = _verdicts
+        while frame is not None:
+            code = frame.f_code
+            known = verdicts.get(id(code))
+            kind = known[1] if known is not None else verdict(code)
+            if kind == USER:
+                return frame, recalibrating
+            if kind == RECALIBRATION:
+                recalibrating = True
+            frame = frame.f_back
+        return None, recalibrating
     found, recalibrating, _ = user_frame_via(frame, skip_code)
     return found, recalibrating
 
