@@ -186,7 +186,8 @@ class Watcher:
         self.state.stepped_since = False
         if forward.calls:
             self.pending.watch(forward, output)
-        self.pending.drain()
+        if self.pending.done:
+            self.pending.drain()
         self._since_clock += 1
         if self._since_clock >= CLOCK_EVERY:
             self._since_clock = 0
@@ -291,7 +292,8 @@ class Watcher:
             with self._lock:
                 self.step += 1
                 pending = self.pending
-                pending.drain()
+                if pending.done:
+                    pending.drain()
                 if pending.waiting:
                     models = self.registry.models
                     pending.resolve_stale(lambda model: models[model].steps)

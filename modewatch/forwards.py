@@ -24,6 +24,8 @@ STALE_STEPS = 4  # a forward not backpropagated after this many steps of its mod
 MAX_OUTPUT_TENSORS = 32  # outputs that get a probe, per forward
 
 _is_inference = torch.is_inference_mode_enabled
+_backward_kinds = patches.backward_kinds
+_get_ident = threading.get_ident
 
 
 class Forward:
@@ -50,11 +52,6 @@ class Forward:
         # autograd, so a forward runs wholly inside it or wholly outside.
         self.inference = _is_inference()
 
-    def probe_died(self) -> None:
-        self.probes -= 1
-        if self.probes <= 0 and not self.resolved:
-            self.done.append(self)
-
 
 class Probe:
     """Registered on a forward output's grad_fn: notes the backward that reaches it.
@@ -70,7 +67,8 @@ class Probe:
 
     def __call__(self, grad_outputs: Any) -> None:
         try:
-            kind = patches.backward_kind()
+            mine = _backward_kinds.get(_get_ident())  # patches.backward_kind's common case, inline
+            kind = mine[-1] if mine else patches.backward_kind()
             forward = self.forward
             if kind > forward.kind:
                 forward.kind = kind
@@ -81,7 +79,10 @@ class Probe:
 
     def __del__(self) -> None:
         try:
-            self.forward.probe_died()
+            forward = self.forward  # Forward.probe_died, inline
+            forward.probes -= 1
+            if forward.probes <= 0 and not forward.resolved:
+                forward.done.append(forward)
         except Exception:  # at interpreter exit, or anywhere the GC runs
             pass
 

@@ -38,7 +38,8 @@ _step_hooks: dict = {}  # watcher -> the handle of its optimizer step post-hook
 # The kinds of backward in progress, per thread that started one (its stack). On a CPU the
 # autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
 # own, which then look at every thread's backward.
-_backward_kinds: dict = {}  # thread ident -> [kind, ...]
+backward_kinds: dict = {}  # thread ident -> [kind, ...]
+_backward_kinds = backward_kinds
 _graph_task_id = compat.current_graph_task_id
 
 
