@@ -10,6 +10,10 @@ import operator
 from typing import Any, Callable, Optional
 
 import torch
+# torch's base classes of its mode-sensitive layers (private names, public behaviour), for others here.
+from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase  # noqa: F401
+from torch.nn.modules.dropout import _DropoutNd as DropoutBase  # noqa: F401
+from torch.nn.modules.instancenorm import _InstanceNorm as InstanceNormBase  # noqa: F401
 
 # Read on every layer call: torch's C function, without the Python wrapper of torch.is_grad_enabled.
 is_grad_enabled: Callable[[], bool] = torch._C.is_grad_enabled
@@ -17,6 +21,12 @@ is_grad_enabled: Callable[[], bool] = torch._C.is_grad_enabled
 # The id of the autograd graph task running on this thread, -1 outside any backward (exact, and
 # per thread); None on a torch without it.
 current_graph_task_id: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def is_replica(module: torch.nn.Module) -> bool:
+    """A per-call replica made by DataParallel (or torch's _replicate_for_data_parallel)."""
+    return getattr(module, "_is_replica", False) is True
+
 
 # A module's own tables, name -> tensor or module (not its submodules'). Read on every layer call:
 # nn.Module.__getattr__ is slow, and attrgetter is C.

@@ -13,9 +13,6 @@ import sys
 from typing import Any, Optional, Protocol
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import compat
 from .format import FROZEN, MODE_FLAGS, PARAMS_MOVED, STATS_CHANGED
@@ -251,14 +248,14 @@ class NormHooks(LayerHooks):
 def hooks_class(module: nn.Module, category: str) -> type:
     if category == "norm":
         return NormHooks
-    return LayerHooks if isinstance(module, _DropoutNd) else OtherDropoutHooks
+    return LayerHooks if isinstance(module, compat.DropoutBase) else OtherDropoutHooks
 
 
 def counter_of(module: nn.Module) -> Optional[str]:
     """The buffer whose version tells that a norm layer's statistics changed (None: all of them)."""
-    if isinstance(module, _InstanceNorm):
+    if isinstance(module, compat.InstanceNormBase):
         return "running_mean"  # InstanceNorm copies its statistics back into it
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, compat.BatchNormBase):
         return "num_batches_tracked"
     return None
 

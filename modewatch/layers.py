@@ -17,9 +17,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import compat
 
@@ -49,11 +46,12 @@ def check_named(layers: Any) -> dict:
 
 def category(module: nn.Module, named: Mapping = {}) -> Optional[str]:
     """"dropout" or "norm" for a mode-sensitive layer, else None."""
-    if isinstance(module, (_DropoutNd, nn.MultiheadAttention)):
+    if isinstance(module, (compat.DropoutBase, nn.MultiheadAttention)):
         return "dropout"
     if isinstance(module, nn.RNNBase):  # its own dropout, between stacked layers: only with several
         return "dropout" if module.num_layers > 1 and module.dropout > 0 else None
-    if isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats):
+    if isinstance(module, compat.BatchNormBase) or (isinstance(module, compat.InstanceNormBase)
+                                                     and module.track_running_stats):
         return "norm"
     for cls, named_category in named.items():
         if isinstance(module, cls):

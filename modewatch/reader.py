@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 from ._version import __version__
 from .errors import LogFormatError
 from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED, HEADER_EVENT, INFERENCE, PARAMS_MOVED,
-                     ROW_LENGTH, SCHEMA, SCOPES, STATS_CHANGED, TRAINING, is_log_name)
+                     ROW_LENGTH, SCHEMA, SCOPES, STATE_FIELDS, STATS_CHANGED, TRAINING, is_log_name)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -380,12 +380,12 @@ class LogReader:
         if type(row) is not list or len(row) != ROW_LENGTH:
             raise _Bad
         try:
-            state = self._states[tuple(row[:8])]
+            state = self._states[tuple(row[:STATE_FIELDS])]
         except TypeError:  # an unhashable field: not what the format says
             raise _Bad from None
         except KeyError:
             state = self._resolve_state(row)
-        counts = tuple(row[8:])  # first_step, last_step, first_forward, forwards, calls
+        counts = tuple(row[STATE_FIELDS:])  # first_step, last_step, first_forward, forwards, calls
         first, last, first_fwd, forwards, calls = counts
         if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
                 and 0 <= first <= last <= MAX_INT and 0 <= first_fwd <= MAX_INT and 1 <= forwards <= MAX_INT
@@ -394,7 +394,7 @@ class LogReader:
         raise _Bad
 
     def _resolve_state(self, row: list) -> tuple:
-        layer, kind, flags, batch, param, mode, site, context = row[:8]
+        layer, kind, flags, batch, param, mode, site, context = row[:STATE_FIELDS]
         if kind not in FORWARD_KINDS or type(flags) is not int or not 0 <= flags <= ALL_FLAGS:
             raise _Bad
         state = (
@@ -405,7 +405,7 @@ class LogReader:
             self._ref(self._contexts, context), bool(flags & FROZEN), bool(flags & PARAMS_MOVED),
         )
         if len(self._states) < MAX_TABLE:
-            self._states[tuple(row[:8])] = state
+            self._states[tuple(row[:STATE_FIELDS])] = state
         return state
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from . import hooks, sites
+from . import compat, hooks, sites
 from .catalog import Catalog
 from .layers import category as category_of
 
@@ -242,7 +242,7 @@ class Registry:
         known = self.lookup(module)
         if known is not None and known.layer is not None:
             return known.layer
-        if getattr(module, "_is_replica", False):  # DataParallel's per-call replicas: the original
+        if compat.is_replica(module):  # DataParallel's per-call replicas: the original
             return original
         with self.lock:
             known = self.lookup(module)

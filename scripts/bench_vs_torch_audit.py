@@ -194,13 +194,13 @@ def main():
     for bug in ("eval-in-loop", "no-grad-validation"):
         print(f"| {bug} | {', '.join(seed_bug_run('modewatch', folder, bug))} | "
               f"{', '.join(seed_bug_run('torch-audit', folder, bug))} |")
-    print(f"\n{args.rounds} rounds; per round, steps per variant: hook-bound {args.steps}, others "
+    print(f"\n{args.rounds} rounds; per round, steps per variant: hook-bound and MLP {args.steps}, others "
           f"{max(args.steps // 10, 2)}")
     print("\n| model | bare step | modewatch | torch-audit |\n|---|---|---|---|")
     for label, build in MODELS.items():
-        steps = args.steps if build is hook_bound_model else max(args.steps // 10, 2)
+        steps = args.steps if build in (hook_bound_model, mlp) else max(args.steps // 10, 2)
         bare, extra = step_cost(build, folder, args.rounds, steps)
-        cells = [f"+{100 * extra[name] / bare:.1f}% ({extra[name] * 1e6:.0f} us)" for name in ("modewatch", "torch-audit")]
+        cells = [f"{100 * extra[name] / bare:+.1f}% ({extra[name] * 1e6:+.0f} us)" for name in ("modewatch", "torch-audit")]
         print(f"| {label} | {bare * 1e3:.2f} ms | {cells[0]} | {cells[1]} |", flush=True)
 
 
