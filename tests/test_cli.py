@@ -10,7 +10,7 @@ import torch
 
 import modewatch
 from modewatch.cli import main
-from conftest import Net, batches, train_step
+from helpers import DEFINITIONS, HEADER, Net, batches, environment, row, train_step, write
 
 CONTRACT_KEYS = {"rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank",
                  "forward_site", "mode_site"}
@@ -143,7 +143,8 @@ def test_cli_and_analyzer_import_no_torch(buggy_log):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "sys.exit(code)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, buggy_log], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, buggy_log], capture_output=True, text=True,
+                            env=environment())
     assert result.returncode == 1, result.stderr
     assert "train-without-dropout" in result.stdout
 
@@ -152,8 +153,9 @@ def test_console_script_and_module_agree(buggy_log):
     """`modewatch` (console script) and `python -m modewatch` give the same report and code."""
     script = os.path.join(os.path.dirname(sys.executable), "modewatch")
     by_module = subprocess.run([sys.executable, "-m", "modewatch", "analyze", buggy_log, "--format", "json"],
-                               capture_output=True, text=True)
-    by_script = subprocess.run([script, "analyze", buggy_log, "--format", "json"], capture_output=True, text=True)
+                               capture_output=True, text=True, env=environment())
+    by_script = subprocess.run([script, "analyze", buggy_log, "--format", "json"], capture_output=True, text=True,
+                               env=environment())
     assert by_module.returncode == by_script.returncode == 1
     assert by_module.stdout == by_script.stdout
 
@@ -183,7 +185,6 @@ def test_a_log_with_no_layer_call_says_why(tmp_path, capsys):
 def test_markdown_is_a_table_per_cause_with_log_text_escaped(tmp_path, capsys):
     """--format markdown: a heading, one table per cause, and a layer name from the log that
     holds Markdown or HTML cannot break the table or inject markup."""
-    from test_reader import DEFINITIONS, HEADER, row, write
 
     hostile = dict(DEFINITIONS[0], name="x|<script>alert(1)</script>`")
     log = write(tmp_path / "a.jsonl", [HEADER, hostile, *DEFINITIONS[1:], {"event": "calls", "rows": [row(1, 9, 5)]}])
@@ -209,14 +210,13 @@ def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkey
     assert location["artifactLocation"] == {"uri": "test_cli.py", "uriBaseId": "%SRCROOT%"}
     mode_line = next(f for f in modewatch.analyze(buggy_log).findings if f.rule == "train-without-dropout").mode_site
     assert location["region"]["startLine"] == mode_line["line"]
-    assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "conftest.py"
+    assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "helpers.py"
     info = next(r for r in run["results"] if r["ruleId"] == "eval-with-grad")
     assert info["level"] == "note"
 
 
 def test_progress_on_a_terminal_and_not_in_a_pipe(tmp_path, monkeypatch, capsys):
     """A long analysis shows a progress line on stderr when it is a terminal, never otherwise."""
-    from test_reader import DEFINITIONS, HEADER, row, write
     from modewatch import cli
 
     log = write(tmp_path / "long.jsonl", [HEADER, *DEFINITIONS] + [

@@ -19,9 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import modewatch
 from modewatch.cli import main
-from conftest import Net, batches, train_step
-from test_reader import DEFINITIONS, HEADER, row
-from test_untrusted import unsafe
+from helpers import DEFINITIONS, HEADER, Net, batches, row, train_step, unsafe
 
 SETTINGS = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,7 +7,7 @@ import torch
 
 import modewatch
 import modewatch.collector
-from conftest import Net, batches, line_of, train_step
+from helpers import Net, batches, line_of, train_step
 
 
 def seed_bug(model, opt, data):
@@ -37,7 +37,7 @@ def test_warn_once_per_cause_with_the_analyzers_findings(log):
     for warning in caught:  # each carries the analyzer's own sentence about the cause
         assert f"last set by model.eval() at {__file__}:{line_of('live eval')}" in str(warning.message)
         assert warning.filename != modewatch.collector.__file__  # it points at the user's code
-        assert warning.filename.endswith(("test_live.py", "conftest.py"))
+        assert warning.filename.endswith(("test_live.py", "helpers.py"))
 
 
 def test_raise_at_the_first_error_finding(log):
@@ -77,3 +77,4 @@ def test_on_finding_rejects_other_values(log):
     """A typo in on_finding fails at once."""
     with pytest.raises(ValueError, match="on_finding"):
         modewatch.watch(Net(), log=log, on_finding="print")
+

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import modewatch
 import modewatch.report
-from conftest import batches, findings_by_rule, line_of
+from helpers import batches, findings_by_rule, line_of
 
 
 class FunctionalBlock(nn.Module):

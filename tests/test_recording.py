@@ -10,7 +10,7 @@ from torch import nn
 
 import modewatch
 from modewatch import patches, reader
-from conftest import Net, batches, findings_by_rule, line_of, train_step
+from helpers import Net, batches, findings_by_rule, line_of, train_step
 
 
 def recorded_calls(log):
@@ -296,3 +296,4 @@ def test_models_in_several_threads_are_recorded_apart(log):
     calls = recorded_calls(log)
     assert sum(c.calls for c in calls) == 100
     assert sum(c.forwards for c in calls) == 100
+

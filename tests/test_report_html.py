@@ -11,8 +11,7 @@ import torch
 
 import modewatch
 from modewatch.cli import main
-from conftest import Net, batches, line_of, train_step
-from test_reader import DEFINITIONS, HEADER, row, write
+from helpers import DEFINITIONS, HEADER, Net, batches, line_of, row, train_step, write
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 import modewatch
-from conftest import Net, batches, findings_by_rule, line_of, train_step
-
-
-def analyze_run(log, model, body, **analyze_options):
-    with modewatch.watch(model, log=log):
-        body()
-    return modewatch.analyze(log, **analyze_options)
-
-
-def rules(analysis):
-    return {(f.rule, f.severity) for f in analysis.findings}
+from helpers import Net, analyze_run, batches, findings_by_rule, line_of, train_step
+from helpers import rules_and_severities as rules
 
 
 def test_train_without_dropout_needs_active_dropout(log):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import modewatch
-from conftest import Net, batches, findings_by_rule, line_of
+from helpers import Net, batches, findings_by_rule, line_of
 
 
 def evaluate_and_forget(model, data):

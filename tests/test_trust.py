@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 
 import pytest
@@ -20,19 +19,8 @@ from torch import nn
 
 import modewatch
 from modewatch.cli import main
-from modewatch.collector import Watcher
-from conftest import Net, batches, findings_by_rule, line_of, train_step
-
-
-def watch_everything(log):
-    """Every model of the process watched as it shows up, as MODEWATCH=1 does (in-process)."""
-    watcher = Watcher(None, log=log, discover=True)
-    watcher.always_log = True
-    return watcher
-
-
-def rules_and_severities(analysis):
-    return {(f.rule, f.severity) for f in analysis.findings}
+from helpers import (Net, batches, environment, findings_by_rule, line_of, rules_and_severities, train_step,
+                     watch_everything)
 
 
 def encoder():
@@ -518,7 +506,7 @@ def test_a_checkpoint_written_while_watched_holds_no_trace_of_modewatch(tmp_path
     assert not ema._forward_hooks and not ema.bn._forward_hooks  # close() took them off the copy too
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MODEWATCH, "plain.pt", "watched.pt", "copy.pt"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path), "MODEWATCH": "0"})
+                            env=environment(PYTHONPATH=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["loaded plain.pt 0", "loaded watched.pt 0", "loaded copy.pt 0"]
     found = findings_by_rule(modewatch.analyze(log))
@@ -556,7 +544,7 @@ def test_processes_given_one_log_path_keep_every_record(tmp_path, capsys):
     overwrites another's log; those that find the path taken write beside it and say so, and
     the buggy process's findings are there."""
     (tmp_path / "spawn.py").write_text(SPAWN_SCRIPT)
-    env = {**os.environ, "MODEWATCH": "1", "MODEWATCH_LOG": str(tmp_path / "logs" / "run.jsonl")}
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "logs" / "run.jsonl"))
     result = subprocess.run([sys.executable, "spawn.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
