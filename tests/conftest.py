@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
+
 pytest_plugins = ["pytester"]
 
 
@@ -14,6 +16,16 @@ pytest_plugins = ["pytester"]
 def log(tmp_path):
     """A fresh log path in a temporary folder."""
     return os.fspath(tmp_path / "run.jsonl")
+
+
+@pytest.fixture(scope="session")
+def seed_log(tmp_path_factory):
+    """The log of the seed bug (helpers.seed_bug_run: eval() in the training loop, never train()
+    again, plus one grad-enabled forward in eval mode), recorded once per session, alone in its
+    folder. Read-only: a test that needs it changed works on a copy."""
+    log = helpers.seed_bug_run(tmp_path_factory.mktemp("seed") / "seed.jsonl")
+    os.chmod(log, 0o444)
+    return log
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""What the tests share: tiny models and data, hand-written log pieces, line numbers found by marker comments, a clean environment for child processes, and the characters no
+"""What the tests share: tiny models and data, the seed bug's run, hand-written log pieces, line
+numbers found by marker comments, a clean environment for child processes, and the characters no
 report may pass on. Imported as ``import helpers`` (``pythonpath = tests`` in setup.cfg), in either
 import mode; fixtures live in conftest.py.
 """
@@ -48,6 +49,23 @@ def train_step(model, optimizer, x, y):
     loss.backward()
     optimizer.step()
     return loss
+
+
+def seed_bug_run(log, evaluate_at=2, steps=6):
+    """The seed bug: Net trained watched for ``steps`` steps; at step ``evaluate_at`` an
+    evaluation calls model.eval() and nobody calls model.train() again, and it runs one forward
+    with grad enabled (eval-with-grad, an info finding). ``evaluate_at=None``: a correct run."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for step, (x, y) in enumerate(batches(steps)):
+            train_step(model, optimizer, x, y)
+            if step == evaluate_at:
+                model.eval()  # <- seed eval
+                model(x)  # <- seed evaluation forward
+    return os.fspath(log)
 
 
 def watch_everything(log):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,58 +11,40 @@ import torch
 
 import modewatch
 from modewatch.cli import main
-from helpers import DEFINITIONS, HEADER, Net, batches, environment, row, train_step, write
+import helpers
+from helpers import DEFINITIONS, HEADER, environment, line_of, row, seed_bug_run, write
 
-CONTRACT_KEYS = {"rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank",
-                 "forward_site", "mode_site"}
-
-
-def record(log, evaluate_at=None):
-    """Train a small model watched; at step ``evaluate_at`` call eval() and never train() again,
-    with one grad-enabled forward in eval mode (eval-with-grad, an info finding)."""
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with modewatch.watch(model, log=log):
-        for step, (x, y) in enumerate(batches(6)):
-            train_step(model, opt, x, y)
-            if step == evaluate_at:
-                model.eval()
-                model(x)
-    return log
-
-
-@pytest.fixture(scope="module")
-def buggy_log(tmp_path_factory):
-    """A log of the seed bug: eval() in the loop, never train() again; plus one info finding."""
-    return record(os.fspath(tmp_path_factory.mktemp("cli") / "buggy.jsonl"), evaluate_at=2)
+FINDING_KEYS = {"rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank",
+                "forward_site", "mode_site", "fix", "batches", "ranks", "log", "model"}
 
 
 @pytest.fixture(scope="module")
 def clean_log(tmp_path_factory):
     """A log of a correct training loop."""
-    return record(os.fspath(tmp_path_factory.mktemp("cli") / "clean.jsonl"))
+    return seed_bug_run(tmp_path_factory.mktemp("cli") / "clean.jsonl", evaluate_at=None)
 
 
-def test_exit_codes_follow_fail_on(buggy_log, clean_log, capsys):
+def test_exit_codes_follow_fail_on(seed_log, clean_log, capsys):
     """0 when nothing reaches --fail-on, 1 when something does."""
     assert main(["analyze", clean_log]) == 0
-    assert main(["analyze", buggy_log]) == 1
-    assert main(["analyze", buggy_log, "--fail-on", "never"]) == 0
-    assert main(["analyze", buggy_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train"]) == 0
-    assert main(["analyze", buggy_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train",
+    assert main(["analyze", seed_log]) == 1
+    assert main(["analyze", seed_log, "--fail-on", "never"]) == 0
+    assert main(["analyze", seed_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train"]) == 0
+    assert main(["analyze", seed_log, "--ignore", "train-without-dropout", "--ignore", "bn-frozen-in-train",
                  "--fail-on", "info"]) == 1
 
 
-def test_json_output_has_the_contract_shape(buggy_log, capsys):
-    """--format json prints the CONTRACT document: version, findings with every key, summary."""
-    assert main(["analyze", buggy_log, "--format", "json"]) == 1
+def test_json_output_has_the_documented_shape(seed_log, capsys):
+    """--format json prints the document docs/cli.md describes: version, findings with every key,
+    summary."""
+    assert main(["analyze", seed_log, "--format", "json"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["modewatch"] == modewatch.__version__
     assert isinstance(document["summary"], dict)
     rules = {f["rule"]: f for f in document["findings"]}
     assert set(rules) == {"train-without-dropout", "bn-frozen-in-train", "eval-with-grad"}
     for finding in document["findings"]:
-        assert CONTRACT_KEYS <= set(finding)
+        assert set(finding) == FINDING_KEYS
         assert set(finding["forward_site"]) == {"file", "line", "function"}
     assert set(rules["train-without-dropout"]["mode_site"]) == {"file", "line", "function", "call"}
     assert rules["train-without-dropout"]["mode_site"]["call"] == "eval"
@@ -69,19 +52,19 @@ def test_json_output_has_the_contract_shape(buggy_log, capsys):
     assert [f["severity"] for f in document["findings"]] == ["error", "error", "info"]
 
 
-def test_text_output_groups_by_cause_with_the_fix(buggy_log, capsys):
-    """The text report names the mode call, the rules under it, the layers and one fix."""
-    main(["analyze", buggy_log])
+def test_text_output_groups_by_cause_with_the_fix(seed_log, capsys):
+    """The text report names the mode call, the rules under it, the layers and the fixes."""
+    main(["analyze", seed_log])
     out = capsys.readouterr().out
-    assert "model.eval() at " in out and "in test_cli.py" not in out
-    assert "left the model in eval mode:" in out
+    eval_line = line_of("seed eval", helpers)
+    assert f"\nmodel.eval() at {helpers.__file__}:{eval_line} in seed_bug_run() left the model in eval mode:\n" in out
     assert "train-without-dropout" in out and "(in layer drop)" in out and "(in layer bn1)" in out
     assert "fix: call model.train()" in out
 
 
-def test_a_directory_is_analyzed_as_its_logs(buggy_log, capsys):
+def test_a_directory_is_analyzed_as_its_logs(seed_log, capsys):
     """analyze DIR reads the *.jsonl logs in it."""
-    assert main(["analyze", os.path.dirname(buggy_log), "--format", "json"]) == 1
+    assert main(["analyze", os.path.dirname(seed_log), "--format", "json"]) == 1
     assert json.loads(capsys.readouterr().out)["summary"]["logs"] == 1
 
 
@@ -114,18 +97,18 @@ def test_usage_errors_exit_2(capsys):
         assert exit_info.value.code == 2
 
 
-def test_log_of_a_killed_job_says_so(buggy_log, tmp_path, capsys):
+def test_log_of_a_killed_job_says_so(seed_log, tmp_path, capsys):
     """A log with no closing event (the job was killed) is analyzed, and the report says it."""
-    lines = open(buggy_log).read().splitlines(keepends=True)
+    lines = open(seed_log).read().splitlines(keepends=True)
     cut = tmp_path / "killed.jsonl"
     cut.write_text("".join(lines[:-1]))
     assert main(["analyze", os.fspath(cut)]) == 1
     assert "was not closed" in capsys.readouterr().out
 
 
-def test_cut_off_log_is_analyzed_and_the_skip_is_said(buggy_log, tmp_path, capsys):
+def test_cut_off_log_is_analyzed_and_the_skip_is_said(seed_log, tmp_path, capsys):
     """A log cut mid-line (a killed job) is analyzed; the report says a line was skipped."""
-    data = open(buggy_log, "rb").read()
+    data = open(seed_log, "rb").read()
     cut = tmp_path / "cut.jsonl"
     cut.write_bytes(data[: data.rindex(b'{"event":"end"') + 10])
     assert main(["analyze", os.fspath(cut)]) == 1
@@ -133,7 +116,7 @@ def test_cut_off_log_is_analyzed_and_the_skip_is_said(buggy_log, tmp_path, capsy
     assert "skipped" in out and "ends mid-line" in out
 
 
-def test_cli_and_analyzer_import_no_torch(buggy_log):
+def test_cli_and_analyzer_import_no_torch(seed_log):
     """Logs can be analyzed where torch is not installed: the CLI never imports it."""
     code = (
         "import sys, runpy\n"
@@ -143,27 +126,27 @@ def test_cli_and_analyzer_import_no_torch(buggy_log):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "sys.exit(code)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, buggy_log], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code, seed_log], capture_output=True, text=True,
                             env=environment())
     assert result.returncode == 1, result.stderr
     assert "train-without-dropout" in result.stdout
 
 
-def test_console_script_and_module_agree(buggy_log):
+def test_console_script_and_module_agree(seed_log):
     """`modewatch` (console script) and `python -m modewatch` give the same report and code."""
     script = os.path.join(os.path.dirname(sys.executable), "modewatch")
-    by_module = subprocess.run([sys.executable, "-m", "modewatch", "analyze", buggy_log, "--format", "json"],
+    by_module = subprocess.run([sys.executable, "-m", "modewatch", "analyze", seed_log, "--format", "json"],
                                capture_output=True, text=True, env=environment())
-    by_script = subprocess.run([script, "analyze", buggy_log, "--format", "json"], capture_output=True, text=True,
+    by_script = subprocess.run([script, "analyze", seed_log, "--format", "json"], capture_output=True, text=True,
                                env=environment())
     assert by_module.returncode == by_script.returncode == 1
     assert by_module.stdout == by_script.stdout
 
 
-def test_separate_runs_analyzed_together_stay_apart(tmp_path, capsys):
+def test_separate_runs_analyzed_together_stay_apart(seed_log, tmp_path, capsys):
     """Two runs (not ranks of one job) in one folder: one finding per run, each naming its log."""
     for name in ("first.jsonl", "second.jsonl"):
-        record(os.fspath(tmp_path / name), evaluate_at=2)
+        shutil.copyfile(seed_log, tmp_path / name)
     analysis = modewatch.analyze(os.fspath(tmp_path))
     dropout = [f for f in analysis.findings if f.rule == "train-without-dropout"]
     assert sorted(os.path.basename(f.log) for f in dropout) == ["first.jsonl", "second.jsonl"]
@@ -195,11 +178,11 @@ def test_markdown_is_a_table_per_cause_with_log_text_escaped(tmp_path, capsys):
     assert "<script>" not in out and "x\\|&lt;script>" in out
 
 
-def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkeypatch, capsys):
+def test_sarif_places_findings_at_the_line_to_change(seed_log, tmp_path, monkeypatch, capsys):
     """--format sarif: SARIF 2.1.0 with every rule described, each result at its mode_site
     (relative to the working directory when the file is under it) and the forward_site related."""
     monkeypatch.chdir(os.path.dirname(__file__))
-    assert main(["analyze", buggy_log, "--format", "sarif"]) == 1
+    assert main(["analyze", seed_log, "--format", "sarif"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["version"] == "2.1.0"
     (run,) = document["runs"]
@@ -207,8 +190,8 @@ def test_sarif_places_findings_at_the_line_to_change(buggy_log, tmp_path, monkey
     result = next(r for r in run["results"] if r["ruleId"] == "train-without-dropout")
     assert result["level"] == "error"
     location = result["locations"][0]["physicalLocation"]
-    assert location["artifactLocation"] == {"uri": "test_cli.py", "uriBaseId": "%SRCROOT%"}
-    mode_line = next(f for f in modewatch.analyze(buggy_log).findings if f.rule == "train-without-dropout").mode_site
+    assert location["artifactLocation"] == {"uri": "helpers.py", "uriBaseId": "%SRCROOT%"}
+    mode_line = next(f for f in modewatch.analyze(seed_log).findings if f.rule == "train-without-dropout").mode_site
     assert location["region"]["startLine"] == mode_line["line"]
     assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "helpers.py"
     info = next(r for r in run["results"] if r["ruleId"] == "eval-with-grad")

@@ -7,24 +7,10 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
-import modewatch
 from modewatch.cli import main
-from helpers import DEFINITIONS, HEADER, Net, batches, line_of, row, train_step, write
-
-
-@pytest.fixture(scope="module")
-def seed_log(tmp_path_factory):
-    log = os.fspath(tmp_path_factory.mktemp("html") / "seed.jsonl")
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with modewatch.watch(model, log=log):
-        for step, (x, y) in enumerate(batches(8)):
-            train_step(model, opt, x, y)
-            if step == 3:
-                model.eval()  # <- html eval
-    return log
+import helpers
+from helpers import DEFINITIONS, HEADER, line_of, row, write
 
 
 def report(paths, out):
@@ -36,7 +22,7 @@ def test_findings_with_their_source_lines_and_a_timeline(seed_log, tmp_path):
     """The findings, the eval() line in its source context, and one timeline row per layer."""
     page = report([seed_log], tmp_path / "r.html")
     assert "train-without-dropout" in page and "bn-frozen-in-train" in page
-    assert f'<span class="here">{line_of("html eval"):5d}' in page and "model.eval()  # &lt;- html eval" in page
+    assert f'<span class="here">{line_of("seed eval", helpers):5d}' in page and "model.eval()  # &lt;- seed eval" in page
     assert page.count("<svg") == 2 and "<td>bn1</td>" in page and "<td>drop</td>" in page
     assert not re.search(r"<script|https?://", page), "the report must not load or run anything"
 
