@@ -163,3 +163,80 @@ def python(args, cwd, env=None, timeout=120, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=environment(**(env or {})), capture_output=True,
                           text=True, timeout=timeout, **kwargs)
 
+
+# ----------------------------------------------------------------------------- running the docs' examples
+
+def run_examples(jobs_path, results_path):
+    """Run each job of the JSON list at ``jobs_path`` in this one interpreter, as if each were a
+    program of its own: a fresh module namespace, a fresh temporary working directory, torch's
+    random generator as a new process has it, the warning filters put back after it. A job is
+    ``{"id", "file", "code"}``: ``code`` written to ``file`` there and run as ``python file``
+    (or, for a file named ``test_*.py``, as ``pytest file``), or ``{"id", "script", "argv"}``: an
+    existing script run as ``python script ARGV``; then, in the same folder, each ``modewatch``
+    command line of its ``then``. Each job's folder is ``job-N`` beside ``results_path``. Results
+    go to ``results_path`` after each job, so that a job that hangs or kills the interpreter
+    leaves those before it: ``{id: {"error", "stdout", "then", "folder"}}``, ``error`` null when
+    the job ran to the end with exit status 0 and left no watcher behind."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    import warnings
+
+    import pytest
+
+    from modewatch import patches
+    from modewatch.cli import main as cli
+
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    seed = torch.initial_seed()  # what a new interpreter starts with
+    results, home = {}, os.getcwd()
+    for number, job in enumerate(jobs):
+        folder = os.path.join(os.path.dirname(os.path.abspath(results_path)), f"job-{number}")
+        os.mkdir(folder)
+        os.chdir(folder)
+        out, error, then = io.StringIO(), None, []
+        argv, path = sys.argv[:], sys.path[:]
+        torch.manual_seed(seed)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                if "code" in job:
+                    with open(job["file"], "w") as f:
+                        f.write(job["code"])
+                    script, args = os.path.join(folder, job["file"]), []
+                else:
+                    script, args = job["script"], job.get("argv", [])
+                sys.argv, sys.path[0] = [script, *args], os.path.dirname(script)
+                code = 0
+                try:
+                    if os.path.basename(script).startswith("test_"):
+                        code = pytest.main(["-q", "-p", "no:cacheprovider", "--import-mode=importlib", script])
+                    else:
+                        runpy.run_path(script, run_name="__main__")
+                except SystemExit as exc:
+                    code = exc.code
+                if code not in (0, None):
+                    error = f"exit status {code}"
+                left = patches.active_watchers()
+                for watcher in left:
+                    watcher.close()
+                if left and not error:
+                    error = f"left {len(left)} watcher(s) open"
+            for command in job.get("then", []):
+                shown = io.StringIO()
+                with contextlib.redirect_stdout(shown):
+                    status = cli(command)
+                then.append({"command": command, "stdout": shown.getvalue(), "status": status})
+        except BaseException:
+            error = traceback.format_exc()
+        finally:
+            sys.argv, sys.path[:] = argv, path
+            os.chdir(home)
+        results[job["id"]] = {"error": error, "stdout": out.getvalue(), "then": then, "folder": folder}
+        with open(results_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    run_examples(*sys.argv[1:])
