@@ -88,13 +88,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, says):
     assert ("is empty" in err) == (content == b"")
 
 
-def test_usage_errors_exit_2(capsys):
-    """Unknown rule, unknown format, no command: exit 2 with a short message."""
-    for argv in (["analyze", "x.jsonl", "--ignore", "no-such-rule"], ["analyze", "x", "--format", "xml"], []):
-        with pytest.raises(SystemExit) as exit_info:
-            code = main(argv)
-            raise SystemExit(code)
-        assert exit_info.value.code == 2
+@pytest.mark.parametrize("argv, says", [
+    (["analyze", "x.jsonl", "--ignore", "no-such-rule"], "argument --ignore: invalid choice: 'no-such-rule'"),
+    (["analyze", "x.jsonl", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+])
+def test_usage_errors_exit_2(capsys, argv, says):
+    """An unknown rule or format: exit 2, nothing on stdout, one line on stderr that names the
+    bad value and where help is."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"modewatch: error: {says} ")
+    assert err.count("\n") == 1 and err.endswith("(see 'modewatch analyze --help')\n")
+
+
+def test_no_command_exits_2_with_the_commands_on_stderr(capsys):
+    """`modewatch` alone: exit 2, and the usage with every command on stderr (stdout stays empty)."""
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: modewatch ")
+    for command in ("analyze", "report", "run"):
+        assert f"\n    {command} " in err
 
 
 def test_log_of_a_killed_job_says_so(seed_log, tmp_path, capsys):
