@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -52,14 +53,32 @@ def test_json_output_has_the_documented_shape(seed_log, capsys):
     assert [f["severity"] for f in document["findings"]] == ["error", "error", "info"]
 
 
-def test_text_output_groups_by_cause_with_the_fix(seed_log, capsys):
-    """The text report names the mode call, the rules under it, the layers and the fixes."""
+def test_text_output_groups_by_cause_with_each_fix(seed_log, capsys):
+    """The text report names the mode call that caused the findings, then each rule under it with
+    its layers, then each distinct fix of the group once, in order: eval-with-grad's too (an info
+    finding, but one with something to change)."""
+    found = {f.rule: f for f in modewatch.analyze(seed_log).findings}
     main(["analyze", seed_log])
     out = capsys.readouterr().out
     eval_line = line_of("seed eval", helpers)
     assert f"\nmodel.eval() at {helpers.__file__}:{eval_line} in seed_bug_run() left the model in eval mode:\n" in out
     assert "train-without-dropout" in out and "(in layer drop)" in out and "(in layer bn1)" in out
-    assert "fix: call model.train()" in out
+    fixes = [line[len("  fix: "):] for line in out.splitlines() if line.startswith("  fix: ")]
+    assert fixes == [found[rule].fix for rule in ("train-without-dropout", "bn-frozen-in-train", "eval-with-grad")]
+    assert len(set(fixes)) == 3
+
+
+def test_each_finding_says_its_calls_steps_and_first_forward(seed_log, capsys):
+    """Under its summary, each finding says how many layer calls, the optimizer steps they came
+    after (a range, or "after step N" when all came after the same one) and the line that first
+    called the model."""
+    main(["analyze", seed_log])
+    out = capsys.readouterr().out
+    training = f"{helpers.__file__}:{line_of('train forward', helpers)} in train_step()"
+    evaluation = f"{helpers.__file__}:{line_of('seed evaluation forward', helpers)} in seed_bug_run()"
+    # The seed run: 6 steps, eval() after the third; the evaluation's one forward (2 layers) after it.
+    assert out.count(f"  3 layer calls, steps 3-5, first at {training}\n") == 2  # Dropout, BatchNorm
+    assert out.count(f"  2 layer calls, after step 3, first at {evaluation}\n") == 1  # eval-with-grad
 
 
 def test_a_directory_is_analyzed_as_its_logs(seed_log, capsys):
@@ -194,10 +213,13 @@ def test_markdown_is_a_table_per_cause_with_log_text_escaped(tmp_path, capsys):
     assert "<script>" not in out and "x\\|&lt;script>" in out
 
 
-def test_sarif_places_findings_at_the_line_to_change(seed_log, tmp_path, monkeypatch, capsys):
-    """--format sarif: SARIF 2.1.0 with every rule described, each result at its mode_site
-    (relative to the working directory when the file is under it) and the forward_site related."""
-    monkeypatch.chdir(os.path.dirname(__file__))
+@pytest.mark.parametrize("where", ["tests folder", "checkout", "elsewhere"])
+def test_sarif_places_findings_at_the_line_to_change(seed_log, tmp_path, monkeypatch, capsys, where):
+    """--format sarif: SARIF 2.1.0 with every rule described, each result at its mode_site and the
+    forward_site related. A file under the working directory is a path relative to it
+    (%SRCROOT%); one outside it, an absolute file:// URI, never a path climbing out with '..'."""
+    cwd = {"tests folder": os.path.dirname(helpers.__file__), "checkout": helpers.ROOT, "elsewhere": tmp_path}[where]
+    monkeypatch.chdir(cwd)
     assert main(["analyze", seed_log, "--format", "sarif"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["version"] == "2.1.0"
@@ -205,11 +227,13 @@ def test_sarif_places_findings_at_the_line_to_change(seed_log, tmp_path, monkeyp
     assert {rule["id"] for rule in run["tool"]["driver"]["rules"]} == set(modewatch.rules.RULES)
     result = next(r for r in run["results"] if r["ruleId"] == "train-without-dropout")
     assert result["level"] == "error"
+    artifact = {"tests folder": {"uri": "helpers.py", "uriBaseId": "%SRCROOT%"},
+                "checkout": {"uri": "tests/helpers.py", "uriBaseId": "%SRCROOT%"},
+                "elsewhere": {"uri": pathlib.Path(helpers.__file__).as_uri()}}[where]
     location = result["locations"][0]["physicalLocation"]
-    assert location["artifactLocation"] == {"uri": "helpers.py", "uriBaseId": "%SRCROOT%"}
-    mode_line = next(f for f in modewatch.analyze(seed_log).findings if f.rule == "train-without-dropout").mode_site
-    assert location["region"]["startLine"] == mode_line["line"]
-    assert result["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "helpers.py"
+    assert location == {"artifactLocation": artifact, "region": {"startLine": line_of("seed eval", helpers)}}
+    related = result["relatedLocations"][0]["physicalLocation"]
+    assert related == {"artifactLocation": artifact, "region": {"startLine": line_of("train forward", helpers)}}
     info = next(r for r in run["results"] if r["ruleId"] == "eval-with-grad")
     assert info["level"] == "note"
 
