@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+import modewatch
 from modewatch.cli import main
 import helpers
 from helpers import DEFINITIONS, HEADER, line_of, row, write
@@ -42,6 +43,30 @@ def test_a_long_run_stays_small(tmp_path):
     page = report([log], tmp_path / "r.html")
     assert page.count("<rect") <= 300
     assert len(page.encode()) < 100_000
+
+
+def test_the_timeline_keeps_few_spans_and_the_worst_state(tmp_path):
+    """A layer whose state changes at every step keeps at most timeline.MAX_SPANS spans however
+    long the run, covering every step; where neighbours are merged, the state that must show
+    most wins: one wrong-mode step among 10,000 alternating good ones still shows, and only
+    around that step."""
+    from modewatch import format as logformat, timeline
+
+    bad = 6_001
+    rows = []
+    for s in range(10_000):  # train mode while training, eval mode while evaluating: both fine
+        training = s % 2 == 0
+        kind = logformat.PARAM_GRAD if training or s == bad else logformat.NO_GRAPH
+        rows.append(row(s, s, kind=kind, training=training))  # step 6,001: training in eval mode
+    log = write(tmp_path / "long.jsonl", [HEADER, *DEFINITIONS, {"event": "calls", "rows": rows}])
+    drawn = timeline.Timeline()
+    modewatch.analyze(log, tap=drawn)
+    (spans,) = drawn.layers.values()
+    assert len(spans) <= timeline.MAX_SPANS
+    assert spans[0][0] == 0 and spans[-1][1] == 9_999
+    assert all(later[0] == earlier[1] + 1 for earlier, later in zip(spans, spans[1:]))
+    (worst,) = [span for span in spans if span[2] == timeline.BAD]
+    assert worst[0] <= bad <= worst[1] and worst[1] - worst[0] < 16
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
