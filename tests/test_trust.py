@@ -212,6 +212,31 @@ def test_a_wgan_critic_stepping_five_times_does_not_make_the_generator_evaluatio
     assert modewatch.analyze(log).findings == []
 
 
+def test_an_optimizer_of_no_watched_parameter_steps_no_watched_model(log):
+    """Adversarial training: each batch's clean forward waits for its backward while a
+    perturbation is crafted by an optimizer of its own, over the input (five steps). That
+    optimizer holds no parameter of the model: its steps are not the model's, the clean forward
+    is still a training forward, and the run counts the model's own steps only."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for x, y in batches(3):
+            clean = nn.functional.cross_entropy(model(x), y)
+            delta = torch.zeros_like(x, requires_grad=True)
+            attack = torch.optim.SGD([delta], lr=0.01)
+            for _ in range(5):
+                attack.zero_grad()
+                (-nn.functional.cross_entropy(model(x + delta), y)).backward()
+                attack.step()
+            optimizer.zero_grad()
+            (clean + nn.functional.cross_entropy(model(x + delta.detach()), y)).backward()
+            optimizer.step()
+    analysis = modewatch.analyze(log)
+    assert analysis.findings == []
+    assert analysis.summary["steps"] == 3
+
+
 def test_threads_training_their_own_models_never_count_each_others_steps(log):
     """One thread's forward waits for its backward while two other threads step their own models
     many times: the waiting forward is still a training forward."""
