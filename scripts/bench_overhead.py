@@ -2,7 +2,7 @@
 
     python scripts/bench_overhead.py [--rounds 201] [--steps 20] [--conv-steps 3]
 
-Two models, as issue 2 sets them:
+Two models, each with its budget:
 - hook-bound: 12 blocks of Linear(16,16)/BatchNorm1d/ReLU/Dropout, batch 8, one CPU thread.
   Budget: watch() overhead at most 1.5x that of empty pre+post hooks on the same layers.
 - conv net: a small CNN, batch 64, 32x32 images. Budget: at most 3% over bare.
