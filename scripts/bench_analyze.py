@@ -1,4 +1,4 @@
-"""Analyzer speed and memory against merely parsing the log (issue 3: at most 3x json-parse time).
+"""Analyzer speed and memory against merely parsing the log (budget: at most 3x json-parse time).
 
     python scripts/bench_analyze.py [--steps 20000] [--rounds 21]
 

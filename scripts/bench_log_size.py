@@ -1,4 +1,4 @@
-"""Log bytes per training step on a steady run (issue 3's compact-log budget: at most 64 B/step).
+"""Log bytes per training step on a steady run (compact-log budget: at most 64 B/step).
 
     python scripts/bench_log_size.py [--steps 3000] [--eval-every 500]
 

@@ -1,67 +1,31 @@
-"""Shared helpers: tiny models, a watched run, and line numbers found by marker comments."""
+"""Fixtures, and the check that every test leaves torch as it found it. Shared helpers are in
+helpers.py (``import helpers``); nothing is imported from here."""
 
-import inspect
 import os
 
 import pytest
 import torch
 from torch import nn
 
+import helpers
+
 pytest_plugins = ["pytester"]
-
-
-class Net(nn.Module):
-    """The smallest model with both kinds of mode-sensitive layer."""
-
-    def __init__(self, p=0.5):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.bn1 = nn.BatchNorm1d(16)
-        self.drop = nn.Dropout(p)
-        self.fc2 = nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.relu(self.bn1(self.fc1(x)))))
-
-
-def batches(n=8, size=16, features=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, features, generator=generator), torch.randint(0, 2, (size,), generator=generator))
-            for _ in range(n)]
-
-
-def train_step(model, optimizer, x, y):
-    loss = nn.functional.cross_entropy(model(x), y)  # <- train forward
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def line_of(marker, obj=None):
-    """The line number of the line holding ``# <- marker`` in the file of ``obj`` (default: caller's),
-    or in the file at path ``obj``."""
-    if obj is None:
-        filename = inspect.stack()[1].filename
-    elif isinstance(obj, (str, os.PathLike)):
-        filename = os.fspath(obj)
-    else:
-        filename = inspect.getsourcefile(obj)
-    with open(filename) as f:
-        for number, text in enumerate(f, 1):
-            if f"# <- {marker}" in text:
-                return number
-    raise AssertionError(f"no marker {marker!r} in {filename}")
-
-
-def findings_by_rule(analysis):
-    return {f.rule: f for f in analysis.findings}
 
 
 @pytest.fixture
 def log(tmp_path):
     """A fresh log path in a temporary folder."""
     return os.fspath(tmp_path / "run.jsonl")
+
+
+@pytest.fixture(scope="session")
+def seed_log(tmp_path_factory):
+    """The log of the seed bug (helpers.seed_bug_run: eval() in the training loop, never train()
+    again, plus one grad-enabled forward in eval mode), recorded once per session, alone in its
+    folder. Read-only: a test that needs it changed works on a copy."""
+    log = helpers.seed_bug_run(tmp_path_factory.mktemp("seed") / "seed.jsonl")
+    os.chmod(log, 0o444)
+    return log
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,10 @@ import tracemalloc
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import modewatch
 from modewatch.cli import main
-from conftest import Net, batches, train_step
-from test_reader import DEFINITIONS, HEADER, row
-from test_untrusted import unsafe
+from helpers import DEFINITIONS, HEADER, row, unsafe
 
 SETTINGS = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -153,24 +149,14 @@ def _swap(line, draw):
 
 
 @pytest.fixture(scope="module")
-def real_logs(tmp_path_factory):
+def real_logs(seed_log):
     """A recorded run of the seed bug (eval() left on, one grad-enabled eval forward), and the
     logs of a two-rank job in which rank 0 alone stays in eval mode."""
-    folder = tmp_path_factory.mktemp("fuzz-real")
-    log = os.fspath(folder / "seed.jsonl")
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with modewatch.watch(model, log=log):
-        for step, (x, y) in enumerate(batches(6)):
-            train_step(model, opt, x, y)
-            if step == 2:
-                model.eval()
-                model(x)
     ranks = [lines([dict(HEADER, rank=rank, world_size=2), *DEFINITIONS,
                     {"event": "calls", "rows": [row(0, 9, 10, training=rank == 1 or s < 5)[:8] + [s, s, s, 1, 1]
                                                 for s in range(10)]}, {"event": "end", "steps": 10}])
              for rank in range(2)]
-    return [open(log, "rb").read(), *ranks]
+    return [open(seed_log, "rb").read(), *ranks]
 
 
 @pytest.fixture(scope="module")

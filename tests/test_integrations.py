@@ -4,6 +4,8 @@ Both are test extras ([dev]); models are tiny and randomly initialised from a co
 downloaded (HF_HUB_OFFLINE=1).
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,8 +18,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"  # before Transformers is imported: never reach for the hub
 
 import modewatch  # noqa: E402
+from modewatch.cli import main  # noqa: E402
 import transformers  # noqa: E402
-from conftest import findings_by_rule, line_of  # noqa: E402
+from helpers import environment, findings_by_rule, line_of  # noqa: E402
 
 
 def tiny_bert(attention="sdpa"):
@@ -84,16 +87,18 @@ def test_from_pretrained_then_training_without_train_is_found(log, tmp_path):
 
 
 def run_script(tmp_path, source, *args):
-    """Run ``source`` with MODEWATCH=1 in a fresh interpreter; the findings as JSON, and the exit code."""
+    """Run ``source`` with MODEWATCH=1 in a fresh interpreter; `modewatch analyze --format json` of
+    its log: the document and the exit status."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(source))
     log = tmp_path / "run.jsonl"
-    env = {**os.environ, "MODEWATCH": "1", "MODEWATCH_LOG": os.fspath(log), "HF_HUB_OFFLINE": "1"}
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=os.fspath(log), HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, os.fspath(script), *args], env=env, check=True, cwd=tmp_path,
                    capture_output=True, timeout=300)
-    result = subprocess.run([sys.executable, "-m", "modewatch", "analyze", os.fspath(log), "--format", "json"],
-                            capture_output=True, text=True)
-    return json.loads(result.stdout), result.returncode, script
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["analyze", os.fspath(log), "--format", "json"])
+    return json.loads(out.getvalue()), code, script
 
 
 FROM_PRETRAINED = """

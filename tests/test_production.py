@@ -17,9 +17,7 @@ import torch
 import modewatch
 from modewatch import _startup, reader
 from modewatch.cli import main
-from conftest import Net, batches, findings_by_rule, train_step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, Net, batches, environment, findings_by_rule, python, train_step
 
 # A training script that knows nothing of modewatch, with the seed bug at step 2.
 TRAIN = textwrap.dedent("""
@@ -41,14 +39,6 @@ TRAIN = textwrap.dedent("""
             print("evaluated", flush=True)
         step += 1
 """)
-
-
-def python(args, tmp_path, env=None, **kwargs):
-    """Run a Python subprocess in tmp_path with MODEWATCH* cleared, then ``env`` added."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
-    environ.update(env or {})
-    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=environ, capture_output=True, text=True,
-                          timeout=120, **kwargs)
 
 
 @pytest.fixture
@@ -172,8 +162,7 @@ def test_read_only_file_system_warns_and_trains(tmp_path, train_py):
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro none {mount}"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("cannot make a read-only mount here (needs unshare and mount)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
-    env.update(MODEWATCH="1", MODEWATCH_LOG=str(mount / "log.jsonl"))
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=str(mount / "log.jsonl"))
     result = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro none {mount} && exec "$0" "$1"',
                              sys.executable, str(train_py)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -260,8 +249,7 @@ def test_a_forked_child_gets_its_own_log(tmp_path):
 @pytest.mark.slow
 def test_killed_job_leaves_an_analyzable_log(tmp_path, train_py):
     """SIGKILL in the middle of training: the log up to the last second is analyzed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
-    env.update(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "k-{pid}.jsonl"))
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "k-{pid}.jsonl"))
     process = subprocess.Popen([sys.executable, str(train_py), "-1"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert process.stdout.readline().strip() == "evaluated"
@@ -277,8 +265,7 @@ def test_killed_job_leaves_an_analyzable_log(tmp_path, train_py):
 def test_sigterm_closes_the_log_and_still_terminates(tmp_path, train_py):
     """SIGTERM (a scheduler ending the job): the log is closed properly, and the process still
     dies of SIGTERM as it would have without modewatch."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEWATCH")}
-    env.update(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "t-{pid}.jsonl"))
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "t-{pid}.jsonl"))
     process = subprocess.Popen([sys.executable, str(train_py), "-1"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert process.stdout.readline().strip() == "evaluated"

@@ -1,7 +1,12 @@
 """The pytest plugin: --modewatch fails tests whose models are in the wrong mode; the fixture."""
 
+import os
 import subprocess
 import sys
+
+import pytest
+
+from helpers import environment
 
 INNER = '''
 import torch
@@ -41,6 +46,14 @@ def test_fixture_finds_the_bug(modewatch):
 '''
 
 
+@pytest.fixture(autouse=True)
+def _no_modewatch_variables(monkeypatch):
+    """The inner pytest runs must not inherit a developer's MODEWATCH=1."""
+    for name in list(os.environ):
+        if name.startswith("MODEWATCH"):
+            monkeypatch.delenv(name)
+
+
 CHECK_REGISTERED = '''
 
 def test_no_watcher_plugin_without_the_option(request):
@@ -70,5 +83,6 @@ def test_without_the_option_nothing_is_watched(pytester):
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
     code = ("import sys, pytest; pytest.main(['--co', '-q', '-p', 'no:cacheprovider', '/dev/null']); "
             "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pytester.path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pytester.path,
+                            env=environment())
     assert result.stdout.strip().splitlines()[-1] == "False", result.stdout

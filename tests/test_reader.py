@@ -1,37 +1,13 @@
 """Reading logs written by anyone: damaged, hostile or huge logs never crash the analyzer."""
 
 import json
-import os
 import tracemalloc
 
 import pytest
 
 import modewatch
 from modewatch import format as logformat, reader
-
-HEADER = {"event": "modewatch", "schema": logformat.SCHEMA, "modewatch": "0.1.0", "pid": 1, "argv": [],
-          "rank": None, "world_size": None}
-DEFINITIONS = [
-    {"event": "layer", "id": 0, "name": "drop", "kind": "Dropout", "category": "dropout", "model": 0, "copy_of": None},
-    {"event": "site", "id": 0, "file": "train.py", "line": 20, "function": "train"},
-    {"event": "site", "id": 1, "file": "train.py", "line": 29, "function": "test"},
-    {"event": "mode", "id": 0, "site": 1, "call": "eval", "mode": False, "target": "", "scope": "model"},
-]
-
-
-def row(first_step, last_step, calls=1, kind=logformat.PARAM_GRAD, training=False):
-    flags = (logformat.TRAINING if training else 0) | logformat.GRAD_ENABLED
-    return [0, kind, flags, None, 0.5, None if training else 0, 0, 0, first_step, last_step, first_step,
-            calls, calls]
-
-
-def write(path, events, tail=b""):
-    with open(path, "wb") as f:
-        for event in events:
-            f.write(json.dumps(event).encode() + b"\n")
-        f.write(tail)
-    return os.fspath(path)
-
+from helpers import DEFINITIONS, HEADER, row, write
 
 def test_a_hand_written_log_gives_the_contract_finding(tmp_path):
     """The format documented in docs/ is enough to write a log the analyzer understands."""

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import modewatch
 import modewatch.report
-from conftest import batches, findings_by_rule, line_of
+from helpers import batches, findings_by_rule, line_of
 
 
 class FunctionalBlock(nn.Module):
@@ -328,6 +328,10 @@ def test_layers_option_rejects_bad_input_clearly(log, layers, error, words):
 
 
 # ---------------------------------------------------------------------------- torch.compile
+#
+# Dynamo (what decides where hooks run and graphs break) is the same whatever the backend; all
+# tests but one use "aot_eager", which skips Inductor's code generation (seconds per graph on a
+# fresh machine). test_compiled_model_trains_as_without_modewatch keeps the default backend.
 
 def compiled_run(log, order, bug):
     torch.manual_seed(0)
@@ -335,9 +339,9 @@ def compiled_run(log, order, bug):
     data = batches(5)
     if order == "watch, then compile":
         watcher = modewatch.watch(model, log=log)
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend="aot_eager")
     else:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend="aot_eager")
         watcher = modewatch.watch(compiled, log=log)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
@@ -377,8 +381,8 @@ def test_seed_bugs_are_found_in_a_compiled_model(log, order, recwarn):
 
 
 def test_compiled_model_trains_as_without_modewatch(log):
-    """Watching changes no output: a compiled model (no dropout, so no randomness) reaches the
-    same parameters watched and unwatched."""
+    """Watching changes no output: a model compiled with the default backend (Inductor; no
+    dropout, so no randomness) reaches the same parameters watched and unwatched."""
     def train(watched):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import modewatch
-from modewatch import patches, reader
-from conftest import Net, batches, findings_by_rule, line_of, train_step
+from modewatch import format as logformat, forwards, patches, reader
+from helpers import Net, batches, findings_by_rule, line_of, rules_and_severities, train_step
 
 
 def recorded_calls(log):
@@ -296,3 +296,139 @@ def test_models_in_several_threads_are_recorded_apart(log):
     calls = recorded_calls(log)
     assert sum(c.calls for c in calls) == 100
     assert sum(c.forwards for c in calls) == 100
+
+
+def test_forwards_waiting_for_a_backward_are_bounded(log, monkeypatch):
+    """Outputs kept with their graphs (predictions collected with grad enabled) make forwards
+    that wait for a backward that may come; past forwards.MAX_PENDING of them the oldest are
+    settled as evaluations, and written at the next flush: memory stays bounded however many
+    outputs are kept."""
+    monkeypatch.setattr(forwards, "MAX_PENDING", 8)
+    model = Net()
+    kept = []
+    with modewatch.watch(model, log=log) as watcher:
+        model.eval()
+        for x, _ in batches(20):
+            kept.append(model(x))
+        assert len(watcher.pending.waiting) == 8
+        watcher.flush()
+        settled = recorded_calls(log)
+        assert sum(c.calls for c in settled) == 2 * (20 - 8)  # two layers per forward
+        assert {c.forward_kind for c in settled} == {logformat.GRAPH_UNUSED}
+    assert modewatch.analyze(log).summary["layer_calls"] == 2 * 20
+
+
+def test_a_model_that_adopts_a_watched_model_renames_its_layers(log):
+    """A watched model later put inside another one that is watched too (a backbone in a
+    classifier): from then on its layers' calls carry the names the new model gives them, also
+    where a call repeats one read before the renaming."""
+    backbone = Net()
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    with modewatch.watch(backbone, log=log) as watcher:
+        backbone.eval()
+        for x, y in batches(2):
+            train_step(backbone, opt, x, y)
+        watcher.flush()  # as the clock does: these calls are written under the old names
+        classifier = nn.Sequential(backbone)
+        watcher.add_model(classifier)
+        for x, y in batches(2):
+            train_step(classifier, opt, x, y)  # the same calls, from the same line
+    dropout = [(c.layer.name, c.first_step, c.last_step) for c in recorded_calls(log) if c.layer.kind == "Dropout"]
+    assert dropout == [("drop", 0, 1), ("0.drop", 2, 3)]
+    found = [f for f in modewatch.analyze(log).findings if f.rule == "train-without-dropout"]
+    assert sorted(name for f in found for name in f.layers) == ["0.drop", "drop"]
+
+
+class AdaptingNorm(nn.BatchNorm1d):
+    """Test-time adaptation: a BatchNorm subclass that updates its statistics in eval mode too."""
+
+    def forward(self, x):
+        training, self.training = self.training, True
+        try:
+            return super().forward(x)
+        finally:
+            self.training = training
+
+
+def test_a_norm_subclass_updating_its_statistics_in_eval_mode_is_seen(log):
+    """A BatchNorm subclass, whose forward may do anything, is measured around each call: one
+    that updates its running statistics in eval mode is recorded doing so, and reported (torch's
+    own BatchNorm is trusted to update them only in train mode)."""
+    model = nn.Sequential(nn.Linear(4, 4), AdaptingNorm(4))
+    with modewatch.watch(model, log=log):
+        model.eval()
+        before = model[1].running_mean.clone()
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+    assert not torch.equal(before, model[1].running_mean)  # it did update them
+    assert [(c.training, c.stats_changed) for c in recorded_calls(log)] == [(False, True)]
+    assert rules_and_severities(modewatch.analyze(log)) == {("stat-update-in-eval", "error")}
+
+
+def replicate_on_cpu(network, copies):
+    """What torch.nn.parallel.replicate makes of a module for each device (it refuses CPU): a
+    replica of every module by torch's own Module._replicate_for_data_parallel (a shallow copy,
+    marked _is_replica, that shares the hooks), the children replaced by their replicas and the
+    parameters by views of the original ones."""
+    modules = list(network.modules())
+    made = []
+    for _ in range(copies):
+        replicas = {id(module): module._replicate_for_data_parallel() for module in modules}
+        for module in modules:
+            replica = replicas[id(module)]
+            for name, child in module._modules.items():
+                replica._modules[name] = None if child is None else replicas[id(child)]
+            for name, parameter in module._parameters.items():
+                if parameter is not None:
+                    setattr(replica, name, parameter.view_as(parameter))
+        made.append(replicas[id(network)])
+    return made
+
+
+class DataParallelOnCPU(nn.DataParallel):
+    """nn.DataParallel's forward on two CPU "devices": fresh replicas at every call, each run on
+    its own thread (as parallel_apply does), the outputs gathered. (On CPU, nn.DataParallel itself
+    calls the module directly, and makes no replica.)"""
+
+    def forward(self, x):
+        import threading
+
+        replicas = replicate_on_cpu(self.module, 2)
+        chunks, outputs = x.chunk(2), [None, None]
+
+        def run(index):
+            outputs[index] = replicas[index](chunks[index])
+
+        threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return torch.cat(outputs)
+
+
+def test_data_parallel_replicas_are_the_model_itself(log):
+    """DataParallel runs fresh replicas of the model at every call; their layer calls are the
+    model's own: each rule is one finding over all replicas and steps, naming the model's layers
+    (DataParallel's module. prefix), and the log defines no layer per replica."""
+    model = DataParallelOnCPU(Net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.eval()
+        for x, y in batches(3):
+            train_step(model, opt, x, y)
+    found = [(f.rule, f.layers, f.count) for f in modewatch.analyze(log).findings]
+    assert found == [("train-without-dropout", ["module.drop"], 2 * 3), ("bn-frozen-in-train", ["module.bn1"], 2 * 3)]
+    with open(log) as f:
+        assert sum('"event":"layer"' in line for line in f) == 2
+
+
+def test_a_closed_watcher_watches_no_more_models(log):
+    """add_model() on a closed Watcher raises a ValueError that says so, and leaves no hook on
+    the model."""
+    watcher = modewatch.watch(Net(), log=log)
+    watcher.close()
+    other = Net()
+    with pytest.raises(ValueError, match="Watcher is closed: it cannot watch another model"):
+        watcher.add_model(other)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in other.modules())

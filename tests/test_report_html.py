@@ -7,25 +7,11 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 import modewatch
 from modewatch.cli import main
-from conftest import Net, batches, line_of, train_step
-from test_reader import DEFINITIONS, HEADER, row, write
-
-
-@pytest.fixture(scope="module")
-def seed_log(tmp_path_factory):
-    log = os.fspath(tmp_path_factory.mktemp("html") / "seed.jsonl")
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with modewatch.watch(model, log=log):
-        for step, (x, y) in enumerate(batches(8)):
-            train_step(model, opt, x, y)
-            if step == 3:
-                model.eval()  # <- html eval
-    return log
+import helpers
+from helpers import DEFINITIONS, HEADER, line_of, row, write
 
 
 def report(paths, out):
@@ -37,7 +23,7 @@ def test_findings_with_their_source_lines_and_a_timeline(seed_log, tmp_path):
     """The findings, the eval() line in its source context, and one timeline row per layer."""
     page = report([seed_log], tmp_path / "r.html")
     assert "train-without-dropout" in page and "bn-frozen-in-train" in page
-    assert f'<span class="here">{line_of("html eval"):5d}' in page and "model.eval()  # &lt;- html eval" in page
+    assert f'<span class="here">{line_of("seed eval", helpers):5d}' in page and "model.eval()  # &lt;- seed eval" in page
     assert page.count("<svg") == 2 and "<td>bn1</td>" in page and "<td>drop</td>" in page
     assert not re.search(r"<script|https?://", page), "the report must not load or run anything"
 
@@ -57,6 +43,30 @@ def test_a_long_run_stays_small(tmp_path):
     page = report([log], tmp_path / "r.html")
     assert page.count("<rect") <= 300
     assert len(page.encode()) < 100_000
+
+
+def test_the_timeline_keeps_few_spans_and_the_worst_state(tmp_path):
+    """A layer whose state changes at every step keeps at most timeline.MAX_SPANS spans however
+    long the run, covering every step; where neighbours are merged, the state that must show
+    most wins: one wrong-mode step among 10,000 alternating good ones still shows, and only
+    around that step."""
+    from modewatch import format as logformat, timeline
+
+    bad = 6_001
+    rows = []
+    for s in range(10_000):  # train mode while training, eval mode while evaluating: both fine
+        training = s % 2 == 0
+        kind = logformat.PARAM_GRAD if training or s == bad else logformat.NO_GRAPH
+        rows.append(row(s, s, kind=kind, training=training))  # step 6,001: training in eval mode
+    log = write(tmp_path / "long.jsonl", [HEADER, *DEFINITIONS, {"event": "calls", "rows": rows}])
+    drawn = timeline.Timeline()
+    modewatch.analyze(log, tap=drawn)
+    (spans,) = drawn.layers.values()
+    assert len(spans) <= timeline.MAX_SPANS
+    assert spans[0][0] == 0 and spans[-1][1] == 9_999
+    assert all(later[0] == earlier[1] + 1 for earlier, later in zip(spans, spans[1:]))
+    (worst,) = [span for span in spans if span[2] == timeline.BAD]
+    assert worst[0] <= bad <= worst[1] and worst[1] - worst[0] < 16
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,17 +8,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 import modewatch
-from conftest import Net, batches, findings_by_rule, line_of, train_step
-
-
-def analyze_run(log, model, body, **analyze_options):
-    with modewatch.watch(model, log=log):
-        body()
-    return modewatch.analyze(log, **analyze_options)
-
-
-def rules(analysis):
-    return {(f.rule, f.severity) for f in analysis.findings}
+import modewatch.report
+from helpers import Net, analyze_run, batches, findings_by_rule, line_of, train_step
+from helpers import rules_and_severities as rules
 
 
 def test_train_without_dropout_needs_active_dropout(log):
@@ -67,7 +59,8 @@ def test_bn_frozen_in_train_is_an_error_when_the_whole_model_is_in_eval(log):
 
 
 def test_bn_frozen_layer_by_layer_is_info(log):
-    """Fine-tuning that freezes each BatchNorm layer by itself is deliberate: info, not error."""
+    """Fine-tuning that freezes each BatchNorm layer by itself is deliberate: info, not error,
+    and no fix is offered."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -84,6 +77,7 @@ def test_bn_frozen_layer_by_layer_is_info(log):
     assert analysis.findings[0].layers == ["1", "4"]
     assert analysis.findings[0].mode_site["line"] == line_of("freeze one layer")
     assert analysis.failing("error") == []
+    assert "fix:" not in modewatch.report.text_report(analysis)  # nothing to fix: the report says none
 
 
 def test_train_override_that_freezes_batchnorm_is_deliberate(log):

@@ -4,44 +4,29 @@ import torch
 from torch import nn
 
 import modewatch
-from conftest import Net, batches, findings_by_rule, line_of
+import helpers
+from helpers import Net, batches, findings_by_rule, line_of
 
 
-def evaluate_and_forget(model, data):
-    model.eval()  # <- eval call
-    with torch.no_grad():
-        for x, _ in data:
-            model(x)
-
-
-def test_eval_in_training_loop_is_found_with_both_lines(log):
-    """test() calls model.eval() inside the loop and nobody calls model.train(): the later training
-    batches are reported, pointing at the eval() line and at the line that called the model."""
-    torch.manual_seed(0)
-    model = Net()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = batches(12)
-    with modewatch.watch(model, log=log):
-        model.train()
-        for step, (x, y) in enumerate(data):
-            loss = nn.functional.cross_entropy(model(x), y)  # <- seed forward
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step == 3:
-                evaluate_and_forget(model, data[:2])
-    found = findings_by_rule(modewatch.analyze(log))
-    assert set(found) == {"train-without-dropout", "bn-frozen-in-train"}
+def test_eval_in_training_loop_is_found_with_both_lines(seed_log):
+    """The seed bug (helpers.seed_bug_run: 6 steps, model.eval() after step 2, never train()
+    again): the 3 later training batches are reported, pointing at the eval() line and at the
+    line that called the model; the evaluation's grad-enabled forward is an info finding."""
+    found = findings_by_rule(modewatch.analyze(seed_log))
+    assert set(found) == {"train-without-dropout", "bn-frozen-in-train", "eval-with-grad"}
     for rule, layer in (("train-without-dropout", "drop"), ("bn-frozen-in-train", "bn1")):
         finding = found[rule]
         assert finding.severity == "error"
         assert finding.layers == [layer]
-        assert finding.count == 8  # batches 4..11
-        assert (finding.first_step, finding.last_step) == (4, 11)
-        assert finding.forward_site == {"file": __file__, "line": line_of("seed forward"), "function":
-                                        "test_eval_in_training_loop_is_found_with_both_lines"}
-        assert finding.mode_site == {"file": __file__, "line": line_of("eval call"),
-                                     "function": "evaluate_and_forget", "call": "eval"}
+        assert finding.count == 3  # steps 3, 4 and 5
+        assert (finding.first_step, finding.last_step) == (3, 5)
+        assert finding.forward_site == {"file": helpers.__file__, "line": line_of("train forward", helpers),
+                                        "function": "train_step"}
+        assert finding.mode_site == {"file": helpers.__file__, "line": line_of("seed eval", helpers),
+                                     "function": "seed_bug_run", "call": "eval"}
+    info = found["eval-with-grad"]
+    assert (info.severity, info.count, info.first_step) == ("info", 2, 3)  # its two layers, after step 3
+    assert info.forward_site["line"] == line_of("seed evaluation forward", helpers)
 
 
 def test_validation_under_no_grad_without_eval_is_found(log):

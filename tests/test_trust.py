@@ -20,19 +20,8 @@ from torch import nn
 
 import modewatch
 from modewatch.cli import main
-from modewatch.collector import Watcher
-from conftest import Net, batches, findings_by_rule, line_of, train_step
-
-
-def watch_everything(log):
-    """Every model of the process watched as it shows up, as MODEWATCH=1 does (in-process)."""
-    watcher = Watcher(None, log=log, discover=True)
-    watcher.always_log = True
-    return watcher
-
-
-def rules_and_severities(analysis):
-    return {(f.rule, f.severity) for f in analysis.findings}
+from helpers import (Net, batches, environment, findings_by_rule, line_of, rules_and_severities, train_step,
+                     watch_everything)
 
 
 def encoder():
@@ -222,6 +211,31 @@ def test_a_wgan_critic_stepping_five_times_does_not_make_the_generator_evaluatio
             generator_loss.backward()
             opt_g.step()
     assert modewatch.analyze(log).findings == []
+
+
+def test_an_optimizer_of_no_watched_parameter_steps_no_watched_model(log):
+    """Adversarial training: each batch's clean forward waits for its backward while a
+    perturbation is crafted by an optimizer of its own, over the input (five steps). That
+    optimizer holds no parameter of the model: its steps are not the model's, the clean forward
+    is still a training forward, and the run counts the model's own steps only."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for x, y in batches(3):
+            clean = nn.functional.cross_entropy(model(x), y)
+            delta = torch.zeros_like(x, requires_grad=True)
+            attack = torch.optim.SGD([delta], lr=0.01)
+            for _ in range(5):
+                attack.zero_grad()
+                (-nn.functional.cross_entropy(model(x + delta), y)).backward()
+                attack.step()
+            optimizer.zero_grad()
+            (clean + nn.functional.cross_entropy(model(x + delta.detach()), y)).backward()
+            optimizer.step()
+    analysis = modewatch.analyze(log)
+    assert analysis.findings == []
+    assert analysis.summary["steps"] == 3
 
 
 def test_threads_training_their_own_models_never_count_each_others_steps(log):
@@ -521,7 +535,7 @@ def test_a_checkpoint_written_while_watched_holds_no_trace_of_modewatch(tmp_path
     assert not ema._forward_hooks and not ema.bn._forward_hooks  # close() took them off the copy too
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MODEWATCH, "plain.pt", "watched.pt", "copy.pt"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path), "MODEWATCH": "0"})
+                            env=environment(PYTHONPATH=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["loaded plain.pt 0", "loaded watched.pt 0", "loaded copy.pt 0"]
     found = findings_by_rule(modewatch.analyze(log))
@@ -559,7 +573,7 @@ def test_processes_given_one_log_path_keep_every_record(tmp_path, capsys):
     overwrites another's log; those that find the path taken write beside it and say so, and
     the buggy process's findings are there."""
     (tmp_path / "spawn.py").write_text(SPAWN_SCRIPT)
-    env = {**os.environ, "MODEWATCH": "1", "MODEWATCH_LOG": str(tmp_path / "logs" / "run.jsonl")}
+    env = environment(MODEWATCH="1", MODEWATCH_LOG=str(tmp_path / "logs" / "run.jsonl"))
     result = subprocess.run([sys.executable, "spawn.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr

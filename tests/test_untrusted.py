@@ -13,18 +13,7 @@ import pytest
 
 import modewatch
 from modewatch.cli import main
-from test_reader import DEFINITIONS, HEADER, row, write
-
-
-# The characters no report may pass on from a log: C0 controls (a report's own line breaks
-# aside), DEL, C1 controls, bidi controls and lone surrogates.
-BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def unsafe(text):
-    """The characters of ``text`` that a terminal, a browser or an encoder would act on."""
-    return [c for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c in BIDI
-            or 0xD800 <= ord(c) <= 0xDFFF]
+from helpers import DEFINITIONS, HEADER, environment, row, unsafe, write
 
 
 HOSTILE = "x\x1b[2J\x1b[H\x9b31mNo mode problems found.\r\x08\t\n\u202eevil\u2066\u200f\ud800"
@@ -35,7 +24,7 @@ def cli(*args, timeout=60, cwd=None):
     encoder cannot be hidden: (exit status, stdout, stderr, seconds)."""
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "modewatch", *args], capture_output=True, timeout=timeout,
-                            cwd=cwd)
+                            cwd=cwd, env=environment())
     return (result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"),
             time.monotonic() - start)
 
