@@ -31,7 +31,7 @@ _FINDING_FIELDS = ("rule", "severity", "message", "layers", "count", "first_step
 class Finding(collections.namedtuple("Finding", _FINDING_FIELDS, defaults=("", 0, "", "", None, None, None))):
     """One cause of wrong-mode calls: the fields of a finding in `modewatch analyze --format json`.
 
-    Beyond the contract's keys: `fix` (what to do), `batches` (forwards affected: the most any one
+    Beyond the keys every finding has had from the start: `fix` (what to do), `batches` (forwards affected: the most any one
     of its layers saw), `cause` (the mode call behind it, in words: reporters group findings by
     it), `summary` (the message's first sentence: what happened, without the why), `ranks` (a
     finding the same on every rank: those ranks, `rank` being null), `log` (the log it was found

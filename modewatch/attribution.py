@@ -36,7 +36,7 @@ def mode_call(registry: Registry, catalog: Catalog, kept_calls: dict, module: nn
     scope = _scope(target)
     # A library's call that finds every layer in that mode already, set by a recorded call
     # (Lightning's eval() for validation of a model its user left in eval mode), is still the last
-    # call (the contract's mode_site), and keeps a reference to that one.
+    # call (a finding's mode_site), and keeps a reference to that one.
     kept = None
     modes = registry.layer_modes
     if via and layers and all(_already(modes[layer], m, mode) for m, layer in layers):

@@ -136,6 +136,9 @@ class Watcher:
             raise ValueError("this modewatch Watcher is closed: it cannot watch another model")
         with self._lock:
             before = len(self.registry.models)
+            if self.folder.rows or self.folder.runs:  # a model that adopts watched ones renames their
+                self.pending.drain()  # layers: what was recorded under the old names is written first
+                self._write(end_runs=True)
             self.registry.add_model(model, frame)
             if len(self.registry.models) > before:
                 self.optimizers.forget()  # an optimizer's verdict may change with the new parameters

@@ -93,7 +93,8 @@ class ModelHooks(Hooks):
         try:
             state = self.state
             if state.depth == 0:
-                model = self.model if id(module) == self.module_id else watcher.copy_model(module, self.model)
+                model = self.model if id(module) == self.module_id or compat.is_replica(module) else \
+                    watcher.copy_model(module, self.model)  # a deep copy: a model of its own
                 state.forward = watcher.begin_forward(sys._getframe(1), model, args)
             state.depth += 1
         except Exception as exc:

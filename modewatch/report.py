@@ -22,7 +22,7 @@ from .safetext import neutralise
 
 
 def json_report(analysis: Analysis) -> str:
-    """The document of CONTRACT.md (``modewatch analyze --format json``)."""
+    """The findings document of ``modewatch analyze --format json`` (docs/cli.md lists its keys)."""
     document = {
         "modewatch": __version__,
         "findings": [finding.as_dict() for finding in analysis.findings],

@@ -1,6 +1,7 @@
 """What watch() records, and the promises it keeps inside other people's training loops."""
 
 import io
+import json
 import os
 import warnings
 
@@ -410,7 +411,7 @@ class DataParallelOnCPU(nn.DataParallel):
 def test_data_parallel_replicas_are_the_model_itself(log):
     """DataParallel runs fresh replicas of the model at every call; their layer calls are the
     model's own: each rule is one finding over all replicas and steps, naming the model's layers
-    (DataParallel's module. prefix), and the log defines no layer per replica."""
+    (DataParallel's module. prefix), and the log defines no layer, and no model, per replica."""
     model = DataParallelOnCPU(Net())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with modewatch.watch(model, log=log):
@@ -420,7 +421,8 @@ def test_data_parallel_replicas_are_the_model_itself(log):
     found = [(f.rule, f.layers, f.count) for f in modewatch.analyze(log).findings]
     assert found == [("train-without-dropout", ["module.drop"], 2 * 3), ("bn-frozen-in-train", ["module.bn1"], 2 * 3)]
     with open(log) as f:
-        assert sum('"event":"layer"' in line for line in f) == 2
+        events = [json.loads(line)["event"] for line in f]
+    assert events.count("layer") == 2 and events.count("model") == 1
 
 
 def test_a_closed_watcher_watches_no_more_models(log):
