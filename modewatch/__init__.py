@@ -73,9 +73,14 @@ def watch(model: "torch.nn.Module", log: "str | os.PathLike[str] | None" = None,
             dict of module classes.
         ValueError: a category in `layers` is not "dropout" or "norm".
     """
-    from .collector import watch as _watch
+    if unknown:
+        raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r} "
+                        "(it takes flush_seconds, fold, on_finding, layers)")
+    if model is None:  # Watcher(None) is MODEWATCH=1's watcher of models yet to come
+        raise TypeError("modewatch.watch() needs a torch.nn.Module, not None")
+    from .collector import Watcher
 
-    return _watch(model, log, flush_seconds=flush_seconds, fold=fold, on_finding=on_finding, layers=layers, **unknown)
+    return Watcher(model, log, flush_seconds=flush_seconds, fold=fold, on_finding=on_finding, layers=layers)
 
 
 # Loaded when first used: `import modewatch` (and `modewatch --version`) stays light, and only the

@@ -544,13 +544,9 @@ class Job:
             if len(members) == 1 and (first.rule, first.severity, first.recognised) == (rule, severity, recognised):
                 settled.append(first)
                 continue
-            merged = _Cause(rule, severity, first.mode, first.rank, first.log, first.call, first.model,
-                            (None, how), first.seen)
-            merged.recognised = recognised
-            merged.rules = set()
-            merged.count, merged.first_step, merged.last_step = 0, first.first_step, first.last_step
-            merged.first_forward, merged.forward_site = first.first_forward, first.forward_site
-            for member in members:
+            merged = first.copy()
+            merged.rule, merged.severity, merged.recognised, merged.detail = rule, severity, recognised, (None, how)
+            for member in members[1:]:
                 merged.absorb(member)
             settled.append(merged)
         return settled

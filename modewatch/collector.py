@@ -193,9 +193,7 @@ class Watcher:
             self.pending.drain()
         self._since_clock += 1
         if self._since_clock >= CLOCK_EVERY:
-            self._since_clock = 0
-            if time.monotonic() - self._last_flush > self.flush_seconds:
-                self.flush()
+            self._flush_if_due()
 
     def unusual_call(self, owner: Any, module: nn.Module, args: tuple, output: Any) -> None:
         """A layer call off the fast path: a deep copy of a layer, or a call outside any watched
@@ -302,9 +300,7 @@ class Watcher:
                     pending.resolve_stale(lambda model: models[model].steps)
             self._since_clock += CLOCK_EVERY // 4  # a step is worth several forwards of the clock's time
             if self._since_clock >= CLOCK_EVERY:
-                self._since_clock = 0
-                if time.monotonic() - self._last_flush > self.flush_seconds:
-                    self.flush()
+                self._flush_if_due()
         except Exception as exc:
             self.fail(exc)
 
@@ -346,6 +342,13 @@ class Watcher:
                 self._writer.calls(self.step, rows)
             self._writer.flush()
             self._last_flush = time.monotonic()
+
+    def _flush_if_due(self) -> None:
+        """The clock's turn (every CLOCK_EVERY forwards' worth): flush once ``flush_seconds`` have
+        passed since the last write."""
+        self._since_clock = 0
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
 
     def flush(self) -> None:
         """Write everything recorded so far, including runs still open (crash safety)."""
@@ -502,18 +505,3 @@ def _finalize_in_child(watcher: Watcher) -> None:
     from multiprocessing import util
 
     util.Finalize(watcher, watcher.close, exitpriority=10)
-
-
-OPTIONS = ("flush_seconds", "fold", "on_finding", "layers")
-
-
-def watch(model: nn.Module, log: Union[str, "os.PathLike[str]", None] = None, *, flush_seconds: float = FLUSH_SECONDS,
-          fold: bool = True, on_finding: Optional[str] = None, layers: Optional[Mapping[type, str]] = None,
-          **unknown: Any) -> Watcher:
-    """The implementation of `modewatch.watch()` (documented there)."""
-    if unknown:
-        raise TypeError(f"modewatch.watch() got an unknown option {sorted(unknown)[0]!r} "
-                        f"(it takes {', '.join(OPTIONS)})")
-    if model is None:  # Watcher(None) is MODEWATCH=1's watcher of models yet to come
-        raise TypeError("modewatch.watch() needs a torch.nn.Module, not None")
-    return Watcher(model, log, flush_seconds=flush_seconds, fold=fold, on_finding=on_finding, layers=layers)

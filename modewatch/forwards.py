@@ -79,7 +79,7 @@ class Probe:
 
     def __del__(self) -> None:
         try:
-            forward = self.forward  # Forward.probe_died, inline
+            forward = self.forward
             forward.probes -= 1
             if forward.probes <= 0 and not forward.resolved:
                 forward.done.append(forward)
@@ -97,10 +97,8 @@ class State(threading.local):
 
 
 def output_nodes(output: Any) -> list:
-    """The distinct grad_fn nodes of the tensors in a (nested) model output."""
-    if type(output) is torch.Tensor:  # the common case
-        node = output.grad_fn
-        return [] if node is None else [node]
+    """The distinct grad_fn nodes of the tensors in a (nested) model output (a lone tensor, the
+    common case, is probed by ``Pending.watch`` without this call)."""
     nodes, seen, todo = [], set(), [output]
     budget = 256  # containers and items looked at
     while todo and budget and len(nodes) < MAX_OUTPUT_TENSORS:

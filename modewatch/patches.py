@@ -39,7 +39,6 @@ _step_hooks: dict = {}  # watcher -> the handle of its optimizer step post-hook
 # autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
 # own, which then look at every thread's backward.
 backward_kinds: dict = {}  # thread ident -> [kind, ...]
-_backward_kinds = backward_kinds
 _graph_task_id = compat.current_graph_task_id
 
 
@@ -47,7 +46,7 @@ def backward_running() -> bool:
     """Whether this code runs inside a backward (activation checkpointing recomputing a forward)."""
     if _graph_task_id is not None:
         return _graph_task_id() != -1  # exact, and per thread
-    return bool(_backward_kinds)
+    return bool(backward_kinds)
 
 
 _GRAD_CODES = (torch.autograd.grad.__code__, torch.autograd.backward.__code__)
@@ -55,11 +54,11 @@ _GRAD_CODES = (torch.autograd.grad.__code__, torch.autograd.backward.__code__)
 
 def backward_kind() -> int:
     """What the backward now running differentiates with respect to (parameters if unknown)."""
-    mine = _backward_kinds.get(threading.get_ident())
+    mine = backward_kinds.get(threading.get_ident())
     if mine:
         return mine[-1]
-    if _backward_kinds:  # an engine thread: the backward of some other thread
-        kinds = {stack[-1] for stack in list(_backward_kinds.values()) if stack}
+    if backward_kinds:  # an engine thread: the backward of some other thread
+        kinds = {stack[-1] for stack in list(backward_kinds.values()) if stack}
         if kinds:
             return kinds.pop() if len(kinds) == 1 else PARAM_GRAD
     # Not through our wrappers (``from torch.autograd import grad`` binds the original): on a CPU
@@ -86,32 +85,20 @@ def _kind_of(inputs: Any) -> int:
 
 def _with_kind(kind: int, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
     ident = threading.get_ident()
-    stack = _backward_kinds.setdefault(ident, [])
+    stack = backward_kinds.setdefault(ident, [])
     stack.append(kind)
     try:
         return wrapped(*args, **kwargs)
     finally:
         stack.pop()
         if not stack:
-            _backward_kinds.pop(ident, None)
+            backward_kinds.pop(ident, None)
 
 
 def _backward(wrapped, instance, args, kwargs):
-    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs).
-    # Once per training step: _with_kind inline, one Python frame.
-    inputs = kwargs.get("inputs") if "inputs" in kwargs else (args[5] if len(args) > 5 else None)
-    kind = PARAM_GRAD if inputs is None else _kind_of(inputs)
-    ident = threading.get_ident()
-    stack = _backward_kinds.get(ident)
-    if stack is None:
-        stack = _backward_kinds[ident] = []
-    stack.append(kind)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        stack.pop()
-        if not stack:
-            _backward_kinds.pop(ident, None)
+    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+    inputs = kwargs.get("inputs", args[5] if len(args) > 5 else None)
+    return _with_kind(_kind_of(inputs), wrapped, args, kwargs)
 
 
 def _grad(wrapped, instance, args, kwargs):

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from .analysis import analyze
-from .rules import SEVERITIES, severity_rank
+from .rules import SEVERITIES
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -44,7 +44,7 @@ class WatchEveryTest:
     folder for the session, each removed once analyzed, the folder at the end."""
 
     def __init__(self, fail_on: str):
-        self.floor = severity_rank(fail_on)
+        self.fail_on = fail_on
         self.folder = tempfile.mkdtemp(prefix="modewatch-pytest-")
 
     @pytest.hookimpl(hookwrapper=True)
@@ -62,7 +62,7 @@ class WatchEveryTest:
             return
         try:
             if outcome.excinfo is None:
-                bad = [f for f in analyze(watcher.path).findings if severity_rank(f.severity) >= self.floor]
+                bad = analyze(watcher.path).failing(self.fail_on)
                 if bad:
                     item.stash[_FOUND] = _describe(bad)
         finally:
@@ -93,7 +93,7 @@ class ModewatchFixture:
 
     def watch(self, model: Any, **options: Any) -> Any:
         """Watch ``model`` for the rest of the test (``modewatch.watch`` with a log of its own)."""
-        from .collector import watch
+        from . import watch
 
         watcher = watch(model, log=os.path.join(self.folder, f"watch-{len(self._watchers)}.jsonl"), **options)
         self._watchers.append(watcher)
@@ -104,10 +104,10 @@ class ModewatchFixture:
         for watcher in self._watchers:
             watcher.close()
         logs = [w.path for w in self._watchers if os.path.exists(w.path)]
-        found = analyze(*logs).findings if logs else []
-        if fail_on is None:
-            return found
-        return [f for f in found if severity_rank(f.severity) >= severity_rank(fail_on)]
+        if not logs:
+            return []
+        analysis = analyze(*logs)
+        return analysis.findings if fail_on is None else analysis.failing(fail_on)
 
     def assert_clean(self, fail_on: str = "error") -> None:
         """Fail the test, with the findings in the report, if any reaches ``fail_on``."""

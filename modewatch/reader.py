@@ -81,7 +81,9 @@ class Facts:
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
 
 
-STATE_LENGTH = 13  # the fields of Calls before its counts: what a run of calls was (its resolved row state)
+# The fields of Calls before its counts (the row's last ROW_LENGTH - STATE_FIELDS fields): what a
+# run of calls was, its resolved row state.
+STATE_LENGTH = len(Calls._fields) - (ROW_LENGTH - STATE_FIELDS)
 
 
 def job_rank(header: Header) -> Optional[int]:

@@ -175,13 +175,19 @@ class Registry:
         self.catalog.define("layer", id=layer, name=name, kind=type(module).__name__, category=category, model=model,
                             copy_of=None, params=category == "norm" and hooks.has_parameters(module))
 
-    def add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
+    def _new_layer(self, name: str, model: int, version: int, mode: tuple) -> int:
+        """A new layer id, with its entry in each per-layer list."""
         layer = len(self.layer_names)
         self.layer_names.append(name)
         self.layer_models.append(model)
-        self.versions.append(-1 if category == "dropout" else hooks.current_version(module))
+        self.versions.append(version)
         self.marks.append(None)
-        self.layer_modes.append(self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
+        self.layer_modes.append(mode)
+        return layer
+
+    def add_layer(self, module: nn.Module, name: str, category: str, model: int, copy_of: Optional[int]) -> int:
+        layer = self._new_layer(name, model, -1 if category == "dropout" else hooks.current_version(module),
+                                self.layer_modes[copy_of] if copy_of is not None else (None, module.training))
         params = category == "norm" and hooks.has_parameters(module)
         if params:
             self.norm_layers.append((layer, weakref.ref(module)))
@@ -198,13 +204,8 @@ class Registry:
         """A layer for the functional dropouts of one kind made by ``module``, named after it (the
         watched model itself by its class), with the line of its first call."""
         with self.lock:
-            layer = len(self.layer_names)
             name = f"{known.path or type(module).__name__}:{kind}"
-            self.layer_names.append(name)
-            self.layer_models.append(known.model)
-            self.versions.append(-1)
-            self.marks.append(None)
-            self.layer_modes.append((None, module.training))  # unused: the module's mode is read
+            layer = self._new_layer(name, known.model, -1, (None, module.training))  # mode unused: the module's is read
             if known.functional is None:
                 known.functional = {}
             known.functional[kind] = layer

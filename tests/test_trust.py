@@ -47,10 +47,11 @@ def ema_update(target, online, style):
                 t.data.mul_(0.9).add_(o.data, alpha=0.1)
 
 
-def byol_loop(style, steps=6):
-    """BYOL / DINO / mean teacher: the target is a deep copy of the online network, run in train
-    mode under no_grad every step, and moved towards it after each optimizer step."""
-    online = encoder()
+def byol_loop(style, steps=6, online=None):
+    """BYOL / DINO / mean teacher: the target is a deep copy of the online network (``online``, or
+    a new one), run in train mode under no_grad every step, and moved towards it after each
+    optimizer step."""
+    online = encoder() if online is None else online
     optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
     online.train()
     target = copy.deepcopy(online)  # <- ema copy
@@ -110,18 +111,24 @@ def test_a_fixed_teacher_left_in_train_mode_stays_an_error(log):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     with watch_everything(log):
         teacher.train()  # forgotten: teacher.eval()
-        student.train()
-        for x, _ in batches(5):
-            with torch.no_grad():
-                soft = teacher(x)
-            loss = (student(x) - soft).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        distill(teacher, student, optimizer, steps=5)
     found = findings_by_rule(modewatch.analyze(log))
     assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
                                                                  ("dropout-in-eval", "error")}
     assert found["dropout-in-eval"].model["name"] == "Sequential"
+
+
+def distill(teacher, student, optimizer, steps):
+    """Knowledge distillation: the student trained on a fixed teacher's predictions, made under
+    no_grad."""
+    student.train()
+    for x, _ in batches(steps):
+        with torch.no_grad():
+            soft = teacher(x)
+        loss = (student(x) - soft).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 class MoCo(nn.Module):
@@ -164,7 +171,7 @@ def test_live_mode_waits_for_the_ema_target_to_be_recognised(log):
     forward comes before any update), and still raises on the inference bug, at close."""
     online = encoder()
     with modewatch.watch(online, log=log, on_finding="raise"):
-        byol_loop_on(online)
+        byol_loop("no_grad", steps=4, online=online)
     model = encoder()
     with pytest.raises(modewatch.ModeFindingError, match="stat-update-in-eval"):
         with modewatch.watch(model, log=log, on_finding="raise"):
@@ -172,19 +179,6 @@ def test_live_mode_waits_for_the_ema_target_to_be_recognised(log):
             with torch.no_grad():
                 model(torch.randn(4, 8))
     assert modewatch.analyze(log).summary["unclosed_logs"] == []  # written whole before raising
-
-
-def byol_loop_on(online, steps=4):
-    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
-    target = copy.deepcopy(online)
-    for x, _ in batches(steps):
-        with torch.no_grad():
-            wanted = target(x)
-        loss = (online(x) - wanted).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema_update(target, online, "no_grad")
 
 
 # ----------------------------------------------------------------------------- several optimizers, threads
@@ -671,14 +665,7 @@ def test_a_teacher_only_loaded_and_frozen_is_found_under_modewatch(log):
         teacher = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Dropout(0.3), nn.Linear(32, 8))
         teacher.load_state_dict(teacher.state_dict())  # <- teacher loaded
         teacher.requires_grad_(False)
-        student.train()
-        for x, _ in batches(4):
-            with torch.no_grad():
-                soft = teacher(x)
-            loss = (student(x) - soft).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        distill(teacher, student, optimizer, steps=4)
     found = findings_by_rule(modewatch.analyze(log))
     assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
                                                                  ("dropout-in-eval", "error")}
