@@ -16,12 +16,17 @@ if TYPE_CHECKING:
 from . import ranks as distributed
 from .errors import LogFormatError
 from .format import PARAM_GRAD
-from .reader import MAX_TABLE, STATE_LENGTH, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
+from .reader import MAX_TABLE, STATE_LENGTH, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
 from .rules import RULES, check_rules, rules_for, severity_rank
 
 SMALL_BATCH = 8
 MAX_CAUSES = 10_000  # distinct findings kept; a hostile log cannot make more
 MAX_LAYERS_PER_FINDING = 1_000
+# Layer names kept by all the findings of a job, and their characters: names come from the logs,
+# each log's bounded on its own (reader.MAX_TEXT_KEPT), but a job may have any number of logs.
+# Past either, a finding lists no more layers than it has (always at least one).
+MAX_FINDING_LAYERS = 1_000_000
+MAX_FINDING_TEXT = 64 << 20
 
 
 _FINDING_FIELDS = ("rule", "severity", "message", "layers", "count", "first_step", "last_step", "rank", "forward_site",
@@ -83,11 +88,11 @@ class _Cause:
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
                  "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call", "model", "detail",
-                 "seen", "rules", "recognised")
+                 "seen", "rules", "recognised", "room")
 
     def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
                  call: Optional[tuple] = None, model: Optional[int] = None, detail: Any = None,
-                 seen: Optional["_Seen"] = None):
+                 seen: Optional["_Seen"] = None, room: Optional[list] = None):
         self.rule, self.severity, self.mode, self.rank, self.log = rule, severity, mode, rank, log
         self.call = call  # (function, its call line) of a functional dropout that ignores the mode
         self.model = model  # the model id its layers belong to, in its log
@@ -95,6 +100,7 @@ class _Cause:
         self.seen = seen  # what its log showed as a whole
         self.rules = {rule}  # the rules it was made of, when settled findings are merged
         self.recognised: Any = None  # what _settle recognised (an EMA target and its online model)
+        self.room = room if room is not None else [MAX_FINDING_LAYERS, MAX_FINDING_TEXT]  # the job's, shared
         self.count = 0
         self.first_step = self.last_step = None
         self.first_forward: Optional[tuple] = None
@@ -122,6 +128,11 @@ class _Cause:
         if name in self.layers:
             self.layers[name] += forwards
         elif len(self.layers) < MAX_LAYERS_PER_FINDING:
+            room = self.room
+            if self.layers and (room[0] <= 0 or room[1] < len(name)):
+                return
+            room[0] -= 1
+            room[1] -= len(name)
             self.layers[name] = forwards
             self.kinds[name] = kind
 
@@ -326,7 +337,8 @@ def _causes_for(calls: Calls, small_batch: int, ignored: frozenset, rank: Option
             if len(causes) >= MAX_CAUSES:
                 counts.dropped_causes += 1
                 continue
-            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call, model, detail, seen)
+            cause = causes[key] = _Cause(rule, severity, calls.mode, rank, log, call, model, detail, seen,
+                                         counts.room)
         fed.append(cause)
     return fed
 
@@ -340,13 +352,15 @@ class _Seen:
         self.trained: set = set()  # model ids with training forwards
         self.eval_mode: set = set()  # (model id, layer name) that ran in eval mode
         self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
+        self._alike: Optional[dict] = None  # see _trained_alike
+        self._likenesses: dict = {}  # model id -> its likeness, while settling
 
     def note_state(self, calls: Calls) -> None:
         """Once per distinct state of calls."""
         if calls.forward_kind == PARAM_GRAD:
-            self.trained.add(calls.layer.model)
-        if not calls.training and len(self.eval_mode) < MAX_TABLE:
-            self.eval_mode.add((calls.layer.model, calls.layer.name))
+            add_bounded(self.trained, calls.layer.model)
+        if not calls.training:
+            add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
 
     def model_name(self, model: Optional[int]) -> str:
         info = self.facts.models.get(model)
@@ -363,30 +377,42 @@ class _Seen:
         count and norm layers) a model that trains. None otherwise: a model run in train mode for
         its predictions (a fixed teacher, an inference script)."""
         facts = self.facts
-        if model is None or model in facts.optimized_models or model in self.trained:
-            return None
-        others = sorted(self.trained - {model})
-        if not others:
+        if model is None or model in facts.optimized_models or model in self.trained or not self.trained:
             return None  # nothing else trains: inference in train mode
         if model in facts.updated_models:
-            return ("updated", others[0])
+            return ("updated", min(self.trained))
         info = facts.models.get(model)
-        if info is not None and info.copy_of in others:
+        if info is not None and info.copy_of in self.trained:
             return ("copy", info.copy_of)
         mine = self._likeness(model)
-        if mine is not None:
-            for other in others:
-                if self._likeness(other) == mine:
-                    return ("likeness", other)
-        return None
+        return None if mine is None else self._trained_alike().get(mine)
 
     def _likeness(self, model: int) -> Optional[tuple]:
-        """What an EMA copy shares with its online model: class, parameter count, norm layers."""
-        info = self.facts.models.get(model)
-        layers = _plain_layers(self.facts.layers.get(model))
-        if info is None or info.parameters is None or not layers:
-            return None
-        return info.name, info.parameters, layers
+        """What an EMA copy shares with its online model: class, parameter count, norm layers
+        (worked out once per model and settling)."""
+        if model not in self._likenesses:
+            info = self.facts.models.get(model)
+            layers = _plain_layers(self.facts.layers.get(model))
+            self._likenesses[model] = (None if info is None or info.parameters is None or not layers
+                                       else (info.name, info.parameters, layers))
+        return self._likenesses[model]
+
+    def _trained_alike(self) -> dict:
+        """Likeness -> ("likeness", the lowest trained model id that has it): worked out once per
+        settling (see ``settling``), not once per finding, whose number a log chooses."""
+        if self._alike is None:
+            self._alike = {}
+            for other in sorted(self.trained):
+                likeness = self._likeness(other)
+                if likeness is not None:
+                    self._alike.setdefault(likeness, ("likeness", other))
+        return self._alike
+
+    def settling(self) -> None:
+        """Verdicts are about to be settled: forget what was worked out from an earlier part of
+        the log (a live analysis settles again as the log grows)."""
+        self._alike = None
+        self._likenesses = {}
 
     def undecided(self, model: Optional[int]) -> bool:
         """Whether more of the log may still make ``model`` an EMA target."""
@@ -410,8 +436,10 @@ class _OpenLog:
     """What one log adds to a job, kept apart until the log is read to its end: a log found bad
     halfway (mostly damaged) adds nothing."""
 
-    def __init__(self, path: str, rank: Optional[int], index: int, tap: Any, header: Any, facts: Facts):
+    def __init__(self, path: str, rank: Optional[int], index: int, tap: Any, header: Any, facts: Facts,
+                 room: list):
         self.path, self.rank, self.index = path, rank, index
+        self.room = room  # the job's, for the layer names of findings
         self.causes: dict = {}
         self.timelines = distributed.Timelines()
         self.totals = [0, 0]  # layer calls, the latest step
@@ -441,13 +469,14 @@ class Job:
         self.ranks: set = set()
         self.logs: list = []
         self._open: Optional[_OpenLog] = None
+        self._room = [MAX_FINDING_LAYERS, MAX_FINDING_TEXT]  # what findings may still keep of layer names
 
     def start_log(self, path: str, header: Any, facts: Optional[Facts] = None) -> Callable[[Calls], None]:
         """Begin a log; returns the function that takes its records, one at a time. ``facts``
         (the reader's, filled in as it reads) settle the verdicts that wait for the whole log."""
         rank = job_rank(header)
         log = self._open = _OpenLog(path, rank, len(self.logs), self.tap, header,
-                                    facts if facts is not None else Facts())
+                                    facts if facts is not None else Facts(), self._room)
         index, small_batch, ignored, causes, seen = log.index, self.small_batch, self.ignored, log.causes, log.seen
         timelines, tap, totals, moved = log.timelines, log.tap, log.totals, log.seen.moved
         fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
@@ -467,7 +496,9 @@ class Job:
             for cause in fed:
                 cause.add(calls, index)
             if calls.moved:
-                moved[calls.layer.model, calls.layer.name] += calls.forwards
+                key = (calls.layer.model, calls.layer.name)
+                if key in moved or len(moved) < MAX_TABLE:
+                    moved[key] += calls.forwards
             if rank is not None:
                 timelines.add(calls, rank, index)
             if tap is not None:
@@ -530,7 +561,10 @@ class Job:
         settle into one finding (the BatchNorm and Dropout layers of one EMA target, the layers of
         one frozen backbone)."""
         groups: dict = {}
-        for key, cause in self._all_causes().items():
+        causes = self._all_causes()
+        for seen in {id(cause.seen): cause.seen for cause in causes.values() if cause.seen is not None}.values():
+            seen.settling()
+        for key, cause in causes.items():
             verdict = _settle(cause, final)
             if verdict is None or verdict is ...:
                 continue
@@ -570,6 +604,8 @@ class Job:
         summary["ranks"] = sorted(self.ranks)
         if self.timelines.dropped:
             summary["ranks_not_compared"] = sorted(self.timelines.dropped)
+        if self.timelines.dropped_unnamed:
+            summary["ranks_not_compared_more"] = self.timelines.dropped_unnamed
         summary["findings"] = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
         return Analysis(findings=findings, logs=list(self.logs), summary=summary)
 
@@ -613,7 +649,7 @@ def analyze(*paths: Any, ignore: Iterable[str] = (), small_batch: int = SMALL_BA
         raise TypeError("modewatch.analyze() needs at least one log path")
     job = Job(ignore, small_batch, tap)
     for path, named in expand_paths(list(paths)):
-        reader = LogReader(path, pipes=named)  # a FIFO in a folder is not a log
+        reader = LogReader(path, named=named)  # a FIFO or a system file in a folder is not a log
         try:
             records = iter(reader)
             add = job.start_log(path, next(records), reader.facts)

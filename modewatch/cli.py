@@ -122,7 +122,7 @@ def _report(args: argparse.Namespace) -> int:
                                  "report-output")
     timeline = Timeline()
     analysis = analyze(*args.paths, tap=timeline)  # one pass over each log feeds both
-    document = html_report(analysis, timeline, Sources.for_logs(logs, args.source_root))
+    document = html_report(analysis, timeline, Sources.for_logs(analysis.logs, args.source_root))
     try:
         with open(args.output, "w", encoding="utf-8") as output:
             output.write(document)
@@ -240,6 +240,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # not argparse: the program's own arguments must pass untouched
         return _run(argv[1:])
+    for stream in (sys.stdout, sys.stderr):  # a name from a log that the terminal cannot encode: escaped
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     if argv == ["--version"]:  # at once, without building the parser (and importing the analysis)
         sys.stdout.write(f"modewatch {__version__}\n")
         return OK

@@ -22,6 +22,8 @@ from .reader import Calls
 
 MAX_SPANS = 4096  # per rank, layer and mode; past it that layer is no longer compared
 MAX_TOTAL_SPANS = 1 << 21  # in all (about 200 MB at most); past it, layers that need more are dropped
+MAX_COMPARED_LAYERS = 10_000  # distinct layer names compared; later ones are not
+MAX_NAMED_DROPPED = 1_000  # layers not compared that the summary names (the others are counted)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -72,6 +74,7 @@ class Timelines:
     def __init__(self) -> None:
         self.layers: dict = {}  # plain layer name -> _Layer
         self.dropped: set = set()  # plain layer names no longer compared (too many mode changes)
+        self.dropped_unnamed = 0  # more of them, past MAX_NAMED_DROPPED
         self.size = 0  # spans kept in all
 
     def add(self, calls: Calls, rank: Optional[int], log_index: int) -> None:
@@ -88,9 +91,9 @@ class Timelines:
     def absorb(self, other: "Timelines") -> None:
         """Add the spans of ``other`` (those of one more log), as its rows would have been: only
         its first span of each list can extend the last one here; the others stay as they are."""
-        self.dropped |= other.dropped
-        for name in self.dropped & self.layers.keys():
-            self.size -= self.layers.pop(name).size
+        for name in other.dropped:
+            self._drop(name)
+        self.dropped_unnamed += other.dropped_unnamed
         for name, layer in other.layers.items():
             for rank, pairs in layer.train.items():
                 for i in range(0, len(pairs), 2):
@@ -106,8 +109,24 @@ class Timelines:
             return None
         layer = self.layers.get(name)
         if layer is None:
+            if len(self.layers) >= MAX_COMPARED_LAYERS:
+                self._drop(name)
+                return None
             layer = self.layers[name] = _Layer()
         return layer
+
+    def _drop(self, name: str) -> None:
+        """No longer compare layer ``name``: its spans go, and it is named in the summary (or
+        counted, past MAX_NAMED_DROPPED names)."""
+        layer = self.layers.pop(name, None)
+        if layer is not None:
+            self.size -= layer.size
+        if name in self.dropped:
+            return
+        if len(self.dropped) < MAX_NAMED_DROPPED:
+            self.dropped.add(name)
+        else:
+            self.dropped_unnamed += 1
 
     def _train(self, name: str, rank: int, first: int, last: int, join: bool = True) -> None:
         layer = self._layer(name)
@@ -144,8 +163,7 @@ class Timelines:
             layer.size += 1
             self.size += 1
             return True
-        self.dropped.add(name)
-        self.size -= self.layers.pop(name).size
+        self._drop(name)
         return False
 
     def mismatches(self) -> list:

@@ -26,7 +26,12 @@ from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED,
 
 MAX_LINE = 8 << 20  # bytes; a longer line is skipped, never held whole
 MAX_TABLE = 200_000  # entries per id table; past it, definitions are skipped
+# Distinct row states cached under one hash value. The hashes of ints and floats are the same in
+# every process, and a tuple's hash can be solved for: a log could make every state collide, and
+# each look-up walk all of them. Past this many, a state is resolved each time it is read.
+MAX_SAME_HASH = 8
 MAX_TEXT = 4096  # characters of a name or path that are kept
+MAX_TEXT_KEPT = 64 << 20  # characters of all the definitions of one log; past it, they are skipped
 # The largest integer any field may hold (int64): sums of such counts stay far below Python's
 # int-to-str digit limit, so no report can fail to print them, and p always converts to float.
 MAX_INT = (1 << 63) - 1
@@ -67,6 +72,17 @@ momentum, None for a cumulative average; `frozen`: a norm layer whose parameters
 NO_CONTEXT = Context(frozenset(), False)
 
 
+def add_bounded(table: set, item: Any) -> None:
+    """Add ``item`` to a set that a log fills, unless MAX_TABLE entries are in it already."""
+    if len(table) < MAX_TABLE:
+        table.add(item)
+
+
+def _text_size(record: tuple) -> int:
+    """Characters of the strings a definition keeps (its fields, and the rules of a context)."""
+    return sum(len(v) if type(v) is str else sum(map(len, v)) if type(v) is frozenset else 0 for v in record)
+
+
 class Facts:
     """What a log says of its models as a whole, beside its rows: which models and norm layers
     an optimizer steps, and which models changed in place with none stepping them (EMA
@@ -79,6 +95,17 @@ class Facts:
         self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
         self.feeding: set = set()  # model ids whose outputs another model was called on (generators)
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
+        self.norm_layers = 0  # entries in all of those sets: at most MAX_TABLE
+
+    def add_norm_layer(self, model: int, name: str, kind: str) -> None:
+        names = self.layers.get(model)
+        if names is None:
+            if len(self.layers) >= MAX_TABLE:
+                return
+            names = self.layers[model] = set()
+        if self.norm_layers < MAX_TABLE and (name, kind) not in names:
+            names.add((name, kind))
+            self.norm_layers += 1
 
 
 # The fields of Calls before its counts (the row's last ROW_LENGTH - STATE_FIELDS fields): what a
@@ -148,12 +175,13 @@ class LogReader:
     read; and after the last record when the log is mostly damaged: more damaged lines than
     good ones after the header, a killed job's cut-off last line not counted. After iteration,
     ``skipped`` counts what was not understood and ``truncated`` says whether the last line was
-    cut off. ``pipes=False`` refuses pipes too (a FIFO found in a folder is not a log).
+    cut off. ``named=False`` (a file found in a folder, not named by the user) refuses pipes and
+    system files too: a FIFO or a link to /proc/kmsg in a folder is not a log.
     """
 
-    def __init__(self, path: str, pipes: bool = True):
+    def __init__(self, path: str, named: bool = True):
         self.path = path
-        self.pipes = pipes
+        self.named = named
         self.skipped = 0
         self.truncated = False
         self.ended = False  # the writer closed the log properly
@@ -171,18 +199,23 @@ class LogReader:
         self._modes: dict = {}
         self._contexts: dict = {0: NO_CONTEXT}
         self.facts = Facts()
-        self._states: dict = {}  # a row's first eight fields -> their checked, resolved values
+        self._text_kept = 0  # characters of the definitions kept (MAX_TEXT_KEPT)
+        self._states: dict = {}  # a row's first STATE_FIELDS fields -> their checked, resolved values
+        self._state_hashes: collections.Counter = collections.Counter()  # hash -> states cached under it
 
     # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
     # rows that refer to them are skipped, which keeps memory bounded for any input.
     def _define(self, table: dict, key: int, value: Any) -> None:
-        if len(table) >= MAX_TABLE and key not in table:
+        size = _text_size(value)
+        if (len(table) >= MAX_TABLE and key not in table) or self._text_kept + size > MAX_TEXT_KEPT:
             raise _Full
+        self._text_kept += size
         table[key] = value
         self._states.clear()  # resolved rows may refer to what this redefines
+        self._state_hashes.clear()
 
     def __iter__(self) -> Iterator[Any]:
-        with open_log(self.path, self.pipes) as file:
+        with open_log(self.path, self.named) as file:
             lines = self._lines(file)
             first = next(lines, _END)
             if first is _END:
@@ -261,7 +294,7 @@ class LogReader:
         if not isinstance(event, dict) or event.get("event") != HEADER_EVENT:
             raise LogFormatError(f"{self.path}: not a modewatch log (its first line is not a modewatch header)")
         schema = event.get("schema")
-        if schema != SCHEMA:
+        if type(schema) is not int or schema != SCHEMA:
             raise LogFormatError(
                 f"{self.path}: log schema {schema!r} is not supported by modewatch {__version__} "
                 f"(it reads schema {SCHEMA})"
@@ -301,10 +334,8 @@ class LogReader:
                 params=_bool(event.get("params", False)),
             )
             self._define(self._layers, _int(event.get("id")), layer)
-            if category == "norm" and len(self.facts.layers) < MAX_TABLE:
-                names = self.facts.layers.setdefault(layer.model, set())
-                if len(names) < MAX_TABLE:
-                    names.add((layer.name, layer.kind))
+            if category == "norm":
+                self.facts.add_norm_layer(layer.model, layer.name, layer.kind)
         elif kind == "model":
             site, copy_of = event.get("site"), event.get("copy_of")
             model = Model(name=_text(event.get("name")), site=None if site is None else self._ref(self._sites, site),
@@ -316,19 +347,15 @@ class LogReader:
                 raise _Bad
             facts = self.facts
             for model in models[:MAX_TABLE]:
-                if len(facts.optimized_models) < MAX_TABLE:
-                    facts.optimized_models.add(_int(model))
+                add_bounded(facts.optimized_models, _int(model))
             for ident in layers[:MAX_TABLE]:
                 layer = self._ref(self._layers, ident)
-                if len(facts.optimized_layers) < MAX_TABLE:
-                    facts.optimized_layers.add((layer.model, layer.name))
+                add_bounded(facts.optimized_layers, (layer.model, layer.name))
         elif kind == "feeds":
-            if len(self.facts.feeding) < MAX_TABLE:
-                self.facts.feeding.add(_int(event.get("model")))
+            add_bounded(self.facts.feeding, _int(event.get("model")))
             _int(event.get("into"))
         elif kind == "updated":
-            if len(self.facts.updated_models) < MAX_TABLE:
-                self.facts.updated_models.add(_int(event.get("model")))
+            add_bounded(self.facts.updated_models, _int(event.get("model")))
         elif kind == "site":
             self._define(self._sites, _int(event.get("id")), Site(
                 file=_text(event.get("file")), line=_int(event.get("line")),
@@ -406,8 +433,11 @@ class LogReader:
             None if site is None else self._ref(self._sites, site),
             self._ref(self._contexts, context), bool(flags & FROZEN), bool(flags & PARAMS_MOVED),
         )
-        if len(self._states) < MAX_TABLE:
-            self._states[tuple(row[:STATE_FIELDS])] = state
+        key = tuple(row[:STATE_FIELDS])
+        same = hash(key)
+        if len(self._states) < MAX_TABLE and self._state_hashes[same] < MAX_SAME_HASH:
+            self._state_hashes[same] += 1
+            self._states[key] = state
         return state
 
 
@@ -419,7 +449,7 @@ def _parse(raw: bytes) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def open_log(path: str, pipes: bool = True) -> IO[bytes]:
+def open_log(path: str, named: bool = True) -> IO[bytes]:
     """The log at ``path``, opened for its one reading pass; LogFormatError naming it otherwise.
 
     A log is a regular file, or a pipe named on the command line (``<(zcat run.jsonl.gz)``),
@@ -435,14 +465,16 @@ def open_log(path: str, pipes: bool = True) -> IO[bytes]:
         raise LogFormatError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     if stat.S_ISDIR(mode):
         raise LogFormatError(f"{path}: is a directory, not a log")
-    _check_kind(path, mode, pipes)
+    _check_kind(path, mode, named)
+    if not named and is_system_file(path):
+        raise LogFormatError(f"{path}: a system file, not a log")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise LogFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode  # what was opened: the name may point elsewhere by now
-        _check_kind(path, mode, pipes)
+        _check_kind(path, mode, named)
         if stat.S_ISFIFO(mode):
             os.set_blocking(fd, True)  # from here on a stream, read until its writer closes it
         return os.fdopen(fd, "rb")
@@ -451,8 +483,26 @@ def open_log(path: str, pipes: bool = True) -> IO[bytes]:
         raise
 
 
-def _check_kind(path: str, mode: int, pipes: bool) -> None:
-    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+SYSTEM_FOLDERS = ("/proc", "/dev", "/sys")  # whose files are never read from a folder, nor shown
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_system_file(path: str) -> bool:
+    """Whether ``path`` (symlinks resolved) lies under /proc, /dev or /sys: reading one may have
+    effects (/proc/kmsg consumes the kernel's messages) or never end."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return False
+    return any(inside(real, folder) for folder in SYSTEM_FOLDERS)
+
+
+def _check_kind(path: str, mode: int, named: bool) -> None:
+    if not (stat.S_ISREG(mode) or (named and stat.S_ISFIFO(mode))):
         raise LogFormatError(f"{path}: not a regular file")
 
 

@@ -108,8 +108,9 @@ def text_report(analysis: Analysis) -> str:
         lines.append(f"note: {summary['skipped_lines']} damaged or cut-off log line(s) were skipped")
     for path in summary.get("truncated_logs", []):
         lines.append(f"note: {path} ends mid-line (the job was killed?); analyzed up to there")
+    truncated = set(summary.get("truncated_logs", []))
     for path in summary.get("unclosed_logs", []):
-        if path not in summary.get("truncated_logs", []):
+        if path not in truncated:
             lines.append(f"note: {path} was not closed (the job was killed or is still running); "
                          f"calls of its last second may be missing")
     if summary.get("logs_without_models") and len(summary["logs_without_models"]) == logs:
@@ -143,14 +144,15 @@ def _fixes(findings: list) -> list:
 
 # Markdown that text from a log could open: links and images ([...](...), ![...](...)), raw
 # HTML and autolinks (<...>), emphasis, headings, table cells, code spans. Each is
-# backslash-escaped (< as an entity), so it shows as written and opens nothing. (A `>` mid-line
-# opens nothing once `<` is escaped, and a field never starts a line.)
+# backslash-escaped, < and & written as entities (a named entity such as &rlm; would print a
+# bidi mark), so it shows as written and opens nothing. (A `>` mid-line opens nothing once `<`
+# is escaped, and a field never starts a line.)
 _MARKDOWN = re.compile(r"([\\\[\]()!*_#|`~])")
 
 
 def _md(text: str) -> str:
     """Text from a log, inert inside Markdown (a table cell, a heading in bold)."""
-    return _MARKDOWN.sub(r"\\\1", neutralise(text)).replace("<", "&lt;")
+    return _MARKDOWN.sub(r"\\\1", neutralise(text)).replace("&", "&amp;").replace("<", "&lt;")
 
 
 def markdown_report(analysis: Analysis) -> str:
@@ -243,13 +245,13 @@ def _source(site: dict, sources: Any) -> str:
 
     if sources is None:
         return ""
-    text = sources.lines(site["file"])
-    if isinstance(text, str):
-        return f'<div class="site">(source not shown: {html.escape(text)})</div>'
-    line, lines = site["line"], []
-    for number in range(max(1, line - 2), min(line + 3, len(text) + 1)):
-        mark = ' class="here"' if number == line else ""
-        lines.append(f"<span{mark}>{number:5d}  {html.escape(neutralise(text[number - 1]))}</span>")
+    snippet = sources.snippet(site["file"], site["line"])
+    if isinstance(snippet, str):
+        return f'<div class="site">(source not shown: {html.escape(snippet)})</div>'
+    lines = []
+    for number, text in snippet:
+        mark = ' class="here"' if number == site["line"] else ""
+        lines.append(f"<span{mark}>{number:5d}  {html.escape(neutralise(text))}</span>")
     return "<pre>" + "\n".join(lines) + "</pre>" if lines else ""
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import stat
 
+from .reader import SYSTEM_FOLDERS, inside
+
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
     from typing import Iterable, Union
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
 
 MAX_SOURCE = 2 << 20  # bytes of one file
 MAX_TOTAL = 64 << 20  # bytes read for one report, however many files its findings name
-SYSTEM = ("/proc", "/dev", "/sys")  # never shown, even inside an allowed folder (the cwd is /)
+MAX_SNIPPETS = 200  # snippets shown in one report: a log may make 10,000 findings cite one file
+MAX_LINE_SHOWN = 240  # characters of one source line shown; a longer one is cut, with "..."
 
 OUTSIDE = "outside the allowed folders"
 NOT_PY = "not a .py file"
@@ -30,10 +33,13 @@ NOT_REGULAR = "not a regular file"
 MISSING = "no such file here"
 UNREADABLE = "cannot be read"
 SPENT = "too much source in one report"
+ENOUGH = f"{MAX_SNIPPETS} snippets shown already"
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def folder_of(log: str) -> str:
+    """The real path of the folder a log was found in: where its name is, not where a symlink
+    of that name leads (a link planted beside a log must not allow its target's folder)."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(log)))
 
 
 class Sources:
@@ -46,21 +52,34 @@ class Sources:
                 real = os.path.realpath(folder)
             except (OSError, ValueError):
                 continue
-            if not any(_inside(real, system) for system in SYSTEM):
+            if not any(inside(real, system) for system in SYSTEM_FOLDERS):
                 self.folders.append(real)
         self._files: dict = {}  # real path -> lines, or why they are not shown
         self._read = 0
+        self._snippets = 0
 
     @classmethod
     def for_logs(cls, logs: Iterable[str], roots: Iterable[str] = ()) -> "Sources":
-        """The working directory, the folder of each log (symlinks resolved), and ``roots``."""
+        """The working directory, the folder each log was found in, and ``roots``."""
         folders = [os.getcwd()]
         for log in logs:
             try:
-                folders.append(os.path.dirname(os.path.realpath(log)))
+                folders.append(folder_of(log))
             except (OSError, ValueError):
                 pass
         return cls([*folders, *roots])
+
+    def snippet(self, path: str, line: int, around: int = 2) -> Union[list, str]:
+        """(number, text) of the lines around ``line`` of a file, each cut to MAX_LINE_SHOWN
+        characters, or the reason they are not shown; at most MAX_SNIPPETS per report."""
+        if self._snippets >= MAX_SNIPPETS:
+            return ENOUGH
+        text = self.lines(path)
+        if isinstance(text, str):
+            return text
+        self._snippets += 1
+        return [(number, _cut(text[number - 1])) for number in range(max(1, line - around),
+                                                                      min(line + around + 1, len(text) + 1))]
 
     def lines(self, path: str) -> Union[list, str]:
         """The file's lines, or the reason they are not shown (one of the constants above)."""
@@ -68,7 +87,7 @@ class Sources:
             real = os.path.realpath(path)
         except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
             return MISSING
-        if any(_inside(real, system) for system in SYSTEM) or not any(_inside(real, f) for f in self.folders):
+        if any(inside(real, system) for system in SYSTEM_FOLDERS) or not any(inside(real, f) for f in self.folders):
             return OUTSIDE
         if real not in self._files:
             if len(self._files) >= 1024:  # a report shows few files; keep memory bounded anyway
@@ -107,3 +126,7 @@ class Sources:
             return TOO_LARGE
         self._read += len(data)
         return data.decode("utf-8", "replace").splitlines()
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_LINE_SHOWN else line[:MAX_LINE_SHOWN] + "..."

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from typing import Callable
 
 from .format import PARAM_GRAD
-from .reader import Calls, Header, job_rank
+from .reader import Calls, Header, add_bounded, job_rank
 from .analysis import SMALL_BATCH
 from .rules import rules_for
 
@@ -87,7 +87,7 @@ class Timeline:
         spans = self._open.get(key)
         if spans is None:
             if len(self._open) >= MAX_LAYERS:
-                self._refused.add(key)
+                add_bounded(self._refused, key)  # counted, up to MAX_TABLE
                 return
             spans = self._open[key] = []
         self._open_last_step = max(self._open_last_step, calls.last_step)

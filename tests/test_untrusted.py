@@ -83,12 +83,13 @@ def test_a_log_named_with_invalid_utf8_is_reported_safely(tmp_path):
 def test_markdown_links_and_images_are_inert(tmp_path, capsys):
     """A layer name holding a Markdown image or link (remote content in a CI job summary) prints
     as text: no `![`, no `](`, no raw `<`."""
-    name = "![x](https://evil.example/p.png)[click](https://evil.example) <img src=x> **b** # h _i_"
+    name = "![x](https://evil.example/p.png)[click](https://evil.example) <img src=x> **b** # h _i_ &rlm;"
     log = hostile_log(tmp_path / "a.jsonl", name=name)
     assert main(["analyze", log, "--format", "markdown"]) == 1
     out = capsys.readouterr().out
     assert "![" not in out and "](" not in out and "<img" not in out and "**b**" not in out
     assert "\\!\\[x\\]\\(https://evil.example/p.png\\)" in out
+    assert "&rlm;" not in out and "&amp;rlm;" in out  # a named entity would render a bidi mark
 
 
 def test_sarif_file_uris_are_percent_encoded(tmp_path, monkeypatch, capsys):
@@ -140,6 +141,44 @@ def test_report_shows_source_only_from_allowed_folders(tmp_path, monkeypatch):
     page = (work / "r.html").read_text()
     assert page.count("TOKEN = &#x27;outside-secret&#x27;") == 2  # the file, and the link to it
     assert page.count("(source not shown: outside the allowed folders)") == 1  # /proc, always
+
+
+def test_a_link_beside_a_log_allows_no_other_folder(tmp_path, monkeypatch):
+    """A log's folder is allowed because the log was found there, not where a link of that
+    folder leads: a link named *.jsonl planted beside the log (dangling, or to a file elsewhere)
+    allows nothing more, and the secret it points near stays out of the page."""
+    shared, victim, work = (tmp_path / name for name in ("shared", "victim", "work"))
+    for folder in (shared, victim, work):
+        folder.mkdir()
+    (victim / "settings.py").write_text("PASSWORD = 'hunter2'\n")
+    (victim / "notes.jsonl").write_text("not a log\n")
+    site = dict(DEFINITIONS[1], file=os.fspath(victim / "settings.py"), line=1)
+    write(shared / "run.jsonl", [HEADER, DEFINITIONS[0], site, DEFINITIONS[2], DEFINITIONS[3],
+                                 {"event": "calls", "rows": [row(1, 9, 5)]}])
+    os.symlink("/nonexistent-anything/x", shared / "x.jsonl")  # "/" by its target's folder
+    os.symlink(victim / "notes.jsonl", shared / "y.jsonl")  # the victim's folder by its target's
+    monkeypatch.chdir(work)
+    assert main(["report", os.fspath(shared), "-o", "r.html"]) == 2  # the links are no logs
+    page = (work / "r.html").read_text()
+    assert "hunter2" not in page and "(source not shown: outside the allowed folders)" in page
+
+
+def test_report_source_is_bounded_however_many_findings_cite_it(tmp_path, monkeypatch):
+    """A log whose 250 findings all cite one long-lined file beside it (a folder its author may
+    write to): the page shows a few hundred snippets of cut lines, not 250 copies of the file
+    (a 7 KB log made a 640 MB page)."""
+    (tmp_path / "big.py").write_text(("<" * 10_000 + "\n") * 5)
+    site = dict(DEFINITIONS[1], file=os.fspath(tmp_path / "big.py"), line=3)
+    events = [HEADER, site, dict(DEFINITIONS[3], site=0)]
+    for model in range(250):  # findings of different models are never merged
+        events += [dict(DEFINITIONS[0], id=model, model=model),
+                   {"event": "calls", "rows": [[model, *row(1, 1)[1:]]]}]
+    log = write(tmp_path / "run.jsonl", events)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", log, "-o", "r.html"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert len(page) < 3_000_000, len(page)
+    assert "(source not shown: 200 snippets shown already)" in page and "&lt;&lt;..." in page
 
 
 def test_report_never_overwrites_a_log(tmp_path, capsys):
@@ -194,6 +233,123 @@ def test_rank_mode_mismatch_time_is_not_quadratic(tmp_path):
     assert seconds < 15, seconds  # about 1.5 s here
 
 
+def colliding_rows(count):
+    """``count`` valid rows whose states (their first eight fields) differ but share one hash:
+    the hashes of ints are the same in every process, and CPython's tuple hash can be solved
+    for the last field that varies (dropout p, given as an int)."""
+    mask, p1, p2, p5, prime = (1 << 64) - 1, 11400714785074694791, 14029467366897019727, 2870177450012600261, \
+        (1 << 61) - 1
+
+    def step(acc, lane):
+        acc = (acc + (lane & mask) * p2) & mask
+        return ((((acc << 31) | (acc >> 33)) & mask) * p1) & mask
+
+    acc = p5
+    for field in (0, 3, 2):  # layer 0, a training forward, eval mode with grad
+        acc = step(acc, hash(field))
+    target = step(step(acc, hash(1)), hash(1))  # that of batch 1, p 1
+    inverse1, inverse2 = pow(p1, -1, 1 << 64), pow(p2, -1, 1 << 64)
+    rows, batch = [], 1
+    while len(rows) < count:
+        before = step(acc, hash(batch))
+        lane = (target * inverse1) & mask
+        lane = ((((lane >> 31) | (lane << 33)) & mask) - before) * inverse2 & mask
+        p = lane if lane < prime else lane - (1 << 64) if lane > (1 << 64) - prime else None
+        if p is not None and p >= 0 and hash(p) & mask == lane:
+            rows.append([0, 3, 2, batch, p, 0, 0, 0, 1, 1, 1, 1, 1])
+        batch += 1
+    assert len({hash(tuple(r[:8])) for r in rows}) == 1
+    return rows
+
+
+def test_rows_made_to_collide_in_one_hash_are_read_in_linear_time(tmp_path):
+    """20,000 rows whose states were chosen to share one hash value: analyzed in a fraction of a
+    second (the reader's cache of states made every look-up walk all of them: 27 s)."""
+    rows = colliding_rows(20_000)
+    log = write(tmp_path / "collide.jsonl", [HEADER, *DEFINITIONS]
+                + [{"event": "calls", "rows": rows[i:i + 1000]} for i in range(0, len(rows), 1000)])
+    start = time.process_time()
+    analysis = modewatch.analyze(log)
+    seconds = time.process_time() - start
+    assert analysis.summary["layer_calls"] == 20_000 and analysis.summary["skipped_lines"] == 0
+    assert seconds < 8, seconds  # about 0.3 s here
+
+
+def test_likeness_of_models_is_worked_out_once_per_model(tmp_path, monkeypatch):
+    """A trained model with many norm layers and many untrained look-alikes (each an
+    EMA-target candidate): the trained model's layers are gathered once, not once per finding
+    (1,000 findings against 200,000 layers took 400 s)."""
+    from modewatch import analysis as analysis_module
+
+    events = [HEADER, {"event": "model", "id": 0, "name": "M", "site": None, "copy_of": None, "parameters": 1}]
+    events += [dict(DEFINITIONS[0], id=0, name=f"bn{i}", kind="BatchNorm1d", category="norm") for i in range(2000)]
+    events.append({"event": "calls", "rows": [[0, 3, 3, 8, 0.1, None, None, 0, 0, 0, 0, 1, 1]]})
+    for model in range(1, 101):
+        events += [{"event": "model", "id": model, "name": "M", "site": None, "copy_of": None, "parameters": 1},
+                   dict(DEFINITIONS[0], id=1, name="bn", kind="BatchNorm1d", category="norm", model=model),
+                   dict(DEFINITIONS[0], id=2, model=model),
+                   {"event": "calls", "rows": [[2, 0, 1, None, 0.5, None, None, 0, 1, 1, 1, 1, 1]]}]
+    log = write(tmp_path / "alike.jsonl", events)
+    gathered = []
+    plain_layers = analysis_module._plain_layers
+    monkeypatch.setattr(analysis_module, "_plain_layers", lambda layers: gathered.append(len(layers or ())) or
+                        plain_layers(layers))
+    analysis = modewatch.analyze(log)
+    assert len(analysis.findings) == 100 and {f.rule for f in analysis.findings} == {"dropout-in-eval"}
+    assert gathered.count(2000) == 1
+
+
+def test_text_notes_on_many_logs_take_linear_time():
+    """Tens of thousands of cut-off and unclosed logs in one analysis: the text report's notes
+    take well under a second (each unclosed log was looked for in the list of cut-off ones)."""
+    from modewatch.analysis import Analysis
+    from modewatch.report import text_report
+
+    paths = [f"/logs/rank{i}.jsonl" for i in range(80_000)]
+    summary = {"logs": len(paths), "truncated_logs": paths[::2], "unclosed_logs": paths, "layer_calls": 1}
+    start = time.process_time()
+    text = text_report(Analysis([], paths, summary))
+    seconds = time.process_time() - start
+    assert text.count("ends mid-line") == 40_000 and text.count("was not closed") == 40_000
+    assert seconds < 5, seconds  # about 0.06 s here; it took 17 s
+
+
+LOG_BOMBS = {
+    # one norm layer redefined with a new name (and model) on each line: the likeness facts
+    "norm layers": lambda i: [dict(DEFINITIONS[0], name=f"{'x' * 200}{i}", category="norm", model=i % 1000)],
+    # one dropout redefined, each name with a row whose parameters moved (flag 32)
+    "moved rows": lambda i: [dict(DEFINITIONS[0], name=f"{'y' * 200}{i}"),
+                             {"event": "calls", "rows": [[0, 3, 35, None, 0.5, None, None, 0, 0, 0, 0, 1, 1]]}],
+    # a rank's log: one dropout redefined, each name trained once (rank-mode-mismatch's spans)
+    "rank spans": lambda i: [dict(DEFINITIONS[0], name=f"{'z' * 200}{i}"),
+                             {"event": "calls", "rows": [[0, 3, 3, None, 0.5, None, None, 0, i, i, i, 1, 1]]}],
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(LOG_BOMBS))
+def test_memory_does_not_grow_with_a_log_that_defines_names_forever(tmp_path, monkeypatch, bomb):
+    """Logs that keep defining new names (with every table's bound made small): the analysis's
+    peak memory for a log four times longer is about the same (it grew with the log: 1 GB for
+    a 619 MB log)."""
+    import tracemalloc
+
+    from modewatch import analysis as analysis_module, ranks, reader
+
+    monkeypatch.setattr(reader, "MAX_TABLE", 500)
+    monkeypatch.setattr(analysis_module, "MAX_TABLE", 500)
+    monkeypatch.setattr(reader, "MAX_TEXT_KEPT", 200_000)
+    monkeypatch.setattr(ranks, "MAX_COMPARED_LAYERS", 500)
+    header = dict(HEADER, rank=0, world_size=2) if bomb == "rank spans" else HEADER
+    peaks = []
+    for count in (5_000, 20_000):
+        log = write(tmp_path / f"{count}.jsonl", [header] + [e for i in range(count) for e in LOG_BOMBS[bomb](i)])
+        tracemalloc.start()
+        modewatch.analyze(log)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.25 * peaks[0] + 200_000, peaks
+
+
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
 def test_a_device_is_refused_at_once(device):
     """/dev/zero and /dev/full (endless input) are not logs: exit 2 at once, one line."""
@@ -215,6 +371,32 @@ def test_a_fifo_with_no_writer_does_not_hang(tmp_path):
 
 
 # ----------------------------------------------------------------------------- damaged input
+
+def test_a_link_to_a_system_file_in_a_folder_is_not_read(tmp_path):
+    """A *.jsonl link to a file under /proc in a folder of logs (reading /proc/kmsg consumes the
+    kernel's messages): refused unread, named on stderr; the folder's good log is analyzed."""
+    hostile_log(tmp_path / "good.jsonl", name="drop")
+    os.symlink("/proc/self/status", tmp_path / "status.jsonl")
+    code, out, err, _ = cli("analyze", os.fspath(tmp_path))
+    assert code == 2 and "status.jsonl: a system file, not a log" in err and "(in layer drop)" in out
+
+
+def test_a_terminal_that_cannot_encode_a_name_gets_it_escaped(tmp_path):
+    """A layer name in Chinese on a stdout that writes Latin-1 (Windows, redirected): escaped,
+    exit 1 for the finding (a traceback exited 1 too, and CI read it as findings)."""
+    log = hostile_log(tmp_path / "a.jsonl", name="编码器.drop")
+    result = subprocess.run([sys.executable, "-m", "modewatch", "analyze", log], capture_output=True,
+                            env=environment(PYTHONIOENCODING="latin-1"), timeout=60)
+    assert (result.returncode, result.stderr) == (1, b"")
+    assert b"\\u7f16\\u7801\\u5668.drop" in result.stdout
+
+
+def test_a_header_whose_schema_is_not_a_number_is_refused(tmp_path, capsys):
+    """``"schema": true`` equals 1 in Python, but it is not the schema number: not read."""
+    log = write(tmp_path / "a.jsonl", [dict(HEADER, schema=True), *DEFINITIONS])
+    assert main(["analyze", log]) == 2
+    assert "log schema True is not supported" in capsys.readouterr().err
+
 
 def test_huge_numbers_are_skipped_lines(tmp_path, capsys):
     """An integer of 400 digits as dropout p, and counts whose sum would pass Python's int-to-str
