@@ -88,7 +88,7 @@ class _Cause:
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
                  "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call", "model", "detail",
-                 "seen", "rules", "recognised", "room")
+                 "seen", "rules", "recognised", "room", "crowded", "steps_seen")
 
     def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
                  call: Optional[tuple] = None, model: Optional[int] = None, detail: Any = None,
@@ -108,9 +108,13 @@ class _Cause:
         self.layers: dict = {}  # name -> forwards, in order of first appearance
         self.kinds: dict = {}  # name -> class name, for the names shown in the message
         self.smallest_batch: Optional[int] = None
+        self.crowded = False  # more than one of its forwards came between two steps
+        self.steps_seen: dict = {}  # layer name -> the step of its latest single forward
 
     def add(self, calls: Calls, log_index: int) -> None:
         self.count += calls.calls
+        if not self.crowded:
+            self._crowding(calls)
         if self.first_step is None:
             self.first_step, self.last_step = calls.first_step, calls.last_step
         elif calls.first_step < self.first_step:
@@ -123,6 +127,19 @@ class _Cause:
         self._layer(calls.layer.name, calls.layer.kind, calls.forwards)
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
+
+    def _crowding(self, calls: Calls) -> None:
+        # A row of several forwards is taken as crowded even where its steps differ (the collector
+        # never folds forwards of unused graphs across steps); rows of one forward (a live
+        # analysis, runs ended by a flush) are crowded when one layer's meet at one step.
+        if calls.forwards > 1:
+            self.crowded = True
+            return
+        name, step = calls.layer.name, calls.first_step
+        if self.steps_seen.get(name) == step:
+            self.crowded = True
+        elif name in self.steps_seen or len(self.steps_seen) < MAX_LAYERS_PER_FINDING:
+            self.steps_seen[name] = step
 
     def _layer(self, name: str, kind: str, forwards: int) -> None:
         if name in self.layers:
@@ -150,12 +167,15 @@ class _Cause:
                                                  or other.smallest_batch < self.smallest_batch):
             self.smallest_batch = other.smallest_batch
         self.rules |= other.rules
+        self.crowded = self.crowded or other.crowded or any(
+            self.steps_seen.get(name) == step for name, step in other.steps_seen.items())
 
     def copy(self) -> "_Cause":
         twin = _Cause.__new__(_Cause)  # not copy.copy: the copy module is not worth its import here
         for name in _Cause.__slots__:
             setattr(twin, name, getattr(self, name))
         twin.layers, twin.kinds, twin.rules = dict(self.layers), dict(self.kinds), set(self.rules)
+        twin.steps_seen = dict(self.steps_seen)
         return twin
 
     def finding(self, small_batch: int) -> Finding:
@@ -350,6 +370,7 @@ class _Seen:
     def __init__(self, facts: Facts):
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
+        self.training_sites: set = set()  # (model id, site) of training forwards
         self.eval_mode: set = set()  # (model id, layer name) that ran in eval mode
         self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
         self._alike: Optional[dict] = None  # see _trained_alike
@@ -359,6 +380,7 @@ class _Seen:
         """Once per distinct state of calls."""
         if calls.forward_kind == PARAM_GRAD:
             add_bounded(self.trained, calls.layer.model)
+            add_bounded(self.training_sites, (calls.layer.model, calls.site))
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
 
@@ -413,6 +435,16 @@ class _Seen:
         the log (a live analysis settles again as the log grows)."""
         self._alike = None
         self._likenesses = {}
+
+    def dry_run(self, cause: _Cause) -> bool:
+        """A single forward before the first step of a model that trains: materialising lazy
+        modules, checking shapes, a library's warm-up call."""
+        return cause.last_step == 0 and cause.model in self.trained and max(cause.layers.values(), default=0) <= 1
+
+    def skipped_batches(self, cause: _Cause, site: Any) -> bool:
+        """Forwards whose graphs no backward used, at a line where the model trains, never two
+        between two steps: training batches skipped before their backward (a NaN loss)."""
+        return not cause.crowded and (cause.model, site) in self.training_sites
 
     def undecided(self, model: Optional[int]) -> bool:
         """Whether more of the log may still make ``model`` an EMA target."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 
-from .format import row
+from .format import GRAPH_UNUSED, row
 
 
 class Run:
@@ -45,7 +45,10 @@ class Folder:
     def add(self, key: tuple, calls: list, step: int, seq: int) -> None:
         """One resolved forward, keyed by (kind, site, context)."""
         run = self.runs.get(key)
-        if run is not None and self.fold and run.calls == calls:  # steady training: Run.add, inline
+        # Forwards whose graphs no backward used are not folded across steps: the analysis tells
+        # a training batch skipped before its backward (one between two steps) from evaluation.
+        if (run is not None and self.fold and run.calls == calls
+                and (step == run.last_step or key[0] != GRAPH_UNUSED)):  # steady training: Run.add, inline
             if step < run.first_step:
                 run.first_step = step
             elif step > run.last_step:

@@ -9,7 +9,9 @@
 - Functional dropout (``F.dropout`` and variants, ``F.scaled_dot_product_attention``) is replaced
   by the wrappers of ``functional``, which tell the watchers of each call.
 - ``nn.Module.__getstate__`` leaves modewatch's hooks out of what is pickled (``torch.save(model)``),
-  while ``copy.deepcopy`` keeps them.
+  while ``copy.deepcopy`` keeps them; so does the ``__getstate__`` of any class a hooked module
+  is an instance of that overrides Module's (``nn.LSTM``, DistributedDataParallel), patched when
+  the first such module gets hooks.
 
 When the last watcher closes everything is restored: off means off.
 """
@@ -21,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,6 +37,7 @@ _lock = threading.Lock()
 _watchers: list = []  # active Watcher objects, in creation order
 _originals: dict = {}  # (owner, name) -> (original attribute, what was put in its place), while patched
 _step_hooks: dict = {}  # watcher -> the handle of its optimizer step post-hook
+_getstate_owners: weakref.WeakSet = weakref.WeakSet()  # hooked modules' classes with a __getstate__ of their own
 
 # The kinds of backward in progress, per thread that started one (its stack). On a CPU the
 # autograd engine runs the probes on the thread that called backward; on a GPU on threads of its
@@ -190,6 +194,33 @@ def _make_getstate(original: Callable) -> Callable:
     return __getstate__
 
 
+def pickled_without_hooks(module: Any) -> None:
+    """Before hooks go on ``module``: if its class pickles through a ``__getstate__`` of its own
+    (``RNNBase`` copies ``__dict__`` itself, never reaching Module's), make that one leave our
+    hooks out too, now if a watcher is active, else when the first one is. Restored with the other
+    patches when the last watcher closes."""
+    for owner in type(module).__mro__:
+        getstate = owner.__dict__.get("__getstate__")
+        if getstate is not None:
+            break
+    else:
+        return
+    if owner is torch.nn.Module or not callable(getstate) or owner in _getstate_owners:
+        return
+    with _lock:
+        _getstate_owners.add(owner)
+        if _watchers:
+            _strip_hooks_in_getstate(owner)
+
+
+def _strip_hooks_in_getstate(owner: type) -> None:
+    if (owner, "__getstate__") not in _originals:
+        try:
+            _replace(owner, "__getstate__", _make_getstate(owner.__dict__["__getstate__"]))
+        except (TypeError, AttributeError, KeyError):  # a class that cannot be patched keeps its own
+            pass
+
+
 _PATCHES = (
     (torch.nn.Module, "train", _train),
     (torch.nn.Module, "eval", _eval),
@@ -288,7 +319,8 @@ def attach(watcher: Any) -> None:
             for owner, name, wrapper in _PATCHES:
                 _replace(owner, name, wrapt.FunctionWrapper(owner.__dict__[name], wrapper))
             _install_functional()
-            _replace(torch.nn.Module, "__getstate__", _make_getstate(torch.nn.Module.__dict__["__getstate__"]))
+            for owner in (torch.nn.Module, *_getstate_owners):
+                _strip_hooks_in_getstate(owner)
             wrapt.register_post_import_hook(_keep_out_of_compiled_graphs, "torch._dynamo")
         _watchers.append(watcher)
         _step_hooks[watcher] = register_optimizer_step_post_hook(watcher.on_optimizer_step)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from . import compat, hooks, sites
+from . import compat, hooks, patches, sites
 from .catalog import Catalog
 from .layers import category as category_of
 
@@ -164,6 +164,7 @@ class Registry:
                 known.top = known.root = True
             if copy_of is None:  # a deep copy carries the original's model hooks already
                 for root in chain:
+                    patches.pickled_without_hooks(root)
                     model_hooks = hooks.ModelHooks(self.watcher, root, index)
                     self.handles.append(root.register_forward_pre_hook(model_hooks.before))
                     self.handles.append(root.register_forward_hook(model_hooks.after, always_call=True))
@@ -194,6 +195,7 @@ class Registry:
         self.catalog.define("layer", id=layer, name=name, kind=type(module).__name__, category=category,
                             model=model, copy_of=copy_of, params=params)
         if copy_of is None:
+            patches.pickled_without_hooks(module)
             layer_hooks = hooks.hooks_class(module, category)(self.watcher, layer, module)
             if getattr(layer_hooks, "exact", False):
                 self.handles.append(module.register_forward_pre_hook(layer_hooks.before))

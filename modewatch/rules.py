@@ -98,19 +98,32 @@ def _settle_frozen(cause: Any, seen: Any, final: bool) -> Any:
     return cause.rule, cause.severity, None
 
 
+def _evaluation_detail(calls: Any) -> tuple:
+    """What stat-update-in-eval and dropout-in-eval verdicts depend on: the BatchNorm layer (does it
+    ever run in eval mode: sampling), the line that called the model, and whether the forward built
+    a graph no backward used (a skipped training batch does)."""
+    return (calls.layer.name if _norm(calls) else None, calls.site, calls.forward_kind == GRAPH_UNUSED)
+
+
 def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
-    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target. BatchNorm
-    statistics updated outside training in a generator (a model that trains in this run, on whose
-    outputs another model is called) whose layers never run in eval mode in the run are
+    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target. Not an
+    evaluation at all: a training batch skipped before its backward (at a line where the model
+    trains, one forward between two of its steps: a ``continue`` on a NaN loss), or a single dry-run
+    forward before a model's first step (lazy modules, shape checks) of a model that trains later.
+    BatchNorm statistics updated outside training in a generator (a model that trains in this run,
+    on whose outputs another model is called) whose layers never run in eval mode in the run are
     stat-update-in-sampling: nothing in the run used them. Else as checked (a classifier validated
     in train mode stays an error)."""
     target = seen.ema_target(cause.model)
     if target is not None:
         return "ema-target", "info" if target[0] == "updated" else "warning", target
-    if not final and seen.undecided(cause.model):
+    if not final and (seen.undecided(cause.model) or cause.model not in seen.trained):
         return ...
-    if (cause.detail is not None and cause.model in seen.trained and cause.model in seen.facts.feeding
-            and (cause.model, cause.detail[0]) not in seen.eval_mode):
+    norm_layer, site, unused = cause.detail
+    if seen.dry_run(cause) or (unused and seen.skipped_batches(cause, site)):
+        return None
+    if (norm_layer is not None and cause.model in seen.trained and cause.model in seen.facts.feeding
+            and (cause.model, norm_layer) not in seen.eval_mode):
         return ("stat-update-in-sampling", "warning", None) if final else ...
     return cause.rule, cause.severity, None
 
@@ -143,8 +156,7 @@ _RULES = (
         "statistics).",
         check=lambda c, _: "error" if _evaluation(c) and _norm(c) and c.stats_changed else None,
         in_train_mode=True,
-        # Whether the layer ever runs in eval mode in the run waits for the whole log (sampling).
-        detail=lambda c: (c.layer.name, "sampling"),
+        detail=_evaluation_detail,
         settle=_settle_evaluation,
     ),
     Rule(
@@ -154,6 +166,7 @@ _RULES = (
         check=lambda c, _: "error" if _evaluation(c) and _active_dropout(c) and c.training else None,
         variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers})."},
         in_train_mode=True,
+        detail=_evaluation_detail,
         settle=_settle_evaluation,
     ),
     Rule(

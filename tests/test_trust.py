@@ -481,10 +481,11 @@ class Net(nn.Module):
         super().__init__()
         self.fc = nn.Linear(8, 16)
         self.bn = nn.BatchNorm1d(16)
+        self.rnn = nn.LSTM(16, 16, 2, dropout=0.5)  # RNNBase pickles through a __getstate__ of its own
         self.drop = nn.Dropout(0.5)
 
     def forward(self, x):
-        return self.drop(self.bn(self.fc(x)))
+        return self.drop(self.rnn(self.bn(self.fc(x)).unsqueeze(0))[0].squeeze(0))
 '''
 
 LOAD_WITHOUT_MODEWATCH = '''
@@ -494,13 +495,13 @@ import torch
 from torch import nn
 import netdef
 
-allowed = [netdef.Net, nn.Linear, nn.BatchNorm1d, nn.Dropout]
+allowed = [netdef.Net, nn.Linear, nn.BatchNorm1d, nn.LSTM, nn.Dropout]
 for name in sys.argv[1:]:
     with torch.serialization.safe_globals(allowed):
         model = torch.load(name, weights_only=True)
     model.eval()
     model(torch.randn(4, 8))
-    print("loaded", name, len(model._forward_hooks) + len(model.bn._forward_hooks))
+    print("loaded", name, sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
 '''
 
 
@@ -526,14 +527,15 @@ def test_a_checkpoint_written_while_watched_holds_no_trace_of_modewatch(tmp_path
     for name in ("watched.pt", "copy.pt"):
         with open(tmp_path / name, "rb") as f:
             assert b"modewatch" not in f.read()
-    assert not ema._forward_hooks and not ema.bn._forward_hooks  # close() took them off the copy too
+    assert not any(m._forward_hooks for m in ema.modules())  # close() took them off the copy too
+    assert type(model.rnn).__getstate__ is nn.LSTM.__mro__[1].__dict__["__getstate__"]  # restored at close
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MODEWATCH, "plain.pt", "watched.pt", "copy.pt"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env=environment(PYTHONPATH=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["loaded plain.pt 0", "loaded watched.pt 0", "loaded copy.pt 0"]
     found = findings_by_rule(modewatch.analyze(log))
-    assert set(found) == {"stat-update-in-eval", "dropout-in-eval"} and found["dropout-in-eval"].layers == ["drop"]
+    assert set(found) == {"stat-update-in-eval", "dropout-in-eval"} and found["dropout-in-eval"].layers == ["rnn", "drop"]
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -653,6 +655,101 @@ def test_a_forward_that_raises_is_no_evaluation(log):
                 continue
     analysis = modewatch.analyze(log)
     assert analysis.findings == [] and analysis.summary["layer_calls"] == 3 * 2
+
+
+def skip_non_finite_losses(model, optimizer, data, corrupt):
+    """A training loop that skips the batches whose loss is not finite before their backward (a
+    common guard): those forwards build a graph no backward uses, in train mode."""
+    for step, (x, y) in enumerate(data):
+        if step in corrupt:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        loss = nn.functional.cross_entropy(model(x), y)  # <- guarded forward
+        if not torch.isfinite(loss):
+            continue
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("corrupt", [{3}, {2, 5}, {0, 6}])
+def test_a_batch_skipped_before_its_backward_is_no_evaluation(log, corrupt):
+    """A training batch skipped on a non-finite loss (one between two steps, the very first
+    included) is a training batch left out, not an evaluation in train mode."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        skip_non_finite_losses(model, optimizer, batches(8), corrupt)
+    analysis = modewatch.analyze(log)
+    assert analysis.findings == [] and analysis.summary["steps"] == 8 - len(corrupt)
+
+
+def forward_loss(model, x, y):
+    """One helper for training and validation batches, as many training scripts have."""
+    return nn.functional.cross_entropy(model(x), y)  # <- shared forward
+
+
+def test_validation_in_train_mode_through_the_training_line_stays_an_error(log):
+    """Validation batches run in train mode with grad on through the line that trains (a helper
+    shared by both loops) are an evaluation: several forwards with no step between them."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for epoch in range(2):
+            for x, y in batches(4):
+                loss = forward_loss(model, x, y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            for x, y in batches(3, seed=1):
+                forward_loss(model, x, y)  # validation, neither eval() nor no_grad
+    found = findings_by_rule(modewatch.analyze(log))
+    assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
+                                                                 ("dropout-in-eval", "error")}
+    assert found["dropout-in-eval"].forward_site["line"] == line_of("shared forward")
+
+
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_a_dry_run_forward_before_training_is_no_evaluation(log, no_grad):
+    """One forward before the first step, to materialise lazy modules (as torch's LazyModuleMixin
+    documents) or check shapes, of a model then trained and validated correctly: no finding,
+    under MODEWATCH=1 where the model is found at ``.to()`` before that forward."""
+    with watch_everything(log):
+        model = nn.Sequential(nn.LazyLinear(16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+        model.to("cpu")
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            model(torch.randn(2, 8))  # dry run
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for epoch in range(2):
+            model.train()
+            for x, y in batches(3):
+                train_step(model, optimizer, x, y)
+            model.eval()
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+    analysis = modewatch.analyze(log)
+    assert analysis.findings == [] and analysis.summary["steps"] == 6
+
+
+@pytest.mark.parametrize("trains_later", [False, True])
+def test_evaluation_in_train_mode_before_training_stays_an_error(log, trains_later):
+    """Not a dry run: several batches evaluated in train mode before training starts, or a single
+    prediction from a model that never trains."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        with torch.no_grad():
+            for x, _ in batches(3 if trains_later else 1, seed=1):
+                model(x)  # <- evaluation before training
+        if trains_later:
+            for x, y in batches(3):
+                train_step(model, optimizer, x, y)
+    found = findings_by_rule(modewatch.analyze(log))
+    assert {(rule, f.severity) for rule, f in found.items()} == {("stat-update-in-eval", "error"),
+                                                                 ("dropout-in-eval", "error")}
+    assert found["stat-update-in-eval"].forward_site["line"] == line_of("evaluation before training")
 
 
 def test_a_teacher_only_loaded_and_frozen_is_found_under_modewatch(log):
