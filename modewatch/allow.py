@@ -11,7 +11,7 @@ import contextvars
 
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
-    from typing import Iterator
+    from typing import Callable, Iterator
 
 from .rules import RULES, check_rules
 
@@ -36,6 +36,6 @@ def allow(*rules: str) -> Iterator[None]:
         _allowed.reset(token)
 
 
-def allowed_rules() -> frozenset[str]:
-    """The rules allowed where this is called (empty outside any ``allow()`` block)."""
-    return _allowed.get()
+# The rules allowed where this is called (empty outside any ``allow()`` block): the context
+# variable's own C method, read once per model forward without a Python call around it.
+allowed_rules: Callable[[], frozenset[str]] = _allowed.get

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 from . import ranks as distributed
 from .errors import LogFormatError
-from .format import PARAM_GRAD
-from .reader import MAX_TABLE, STATE_LENGTH, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
+from .format import GRAPH_UNUSED, PARAM_GRAD
+from .reader import MAX_TABLE, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
 from .rules import RULES, check_rules, rules_for, severity_rank
 
 SMALL_BATCH = 8
@@ -113,7 +113,7 @@ class _Cause:
 
     def add(self, calls: Calls, log_index: int) -> None:
         self.count += calls.calls
-        if not self.crowded:
+        if calls.forward_kind == GRAPH_UNUSED and not self.crowded:  # only where it may tell a skipped batch
             self._crowding(calls)
         if self.first_step is None:
             self.first_step, self.last_step = calls.first_step, calls.last_step
@@ -121,10 +121,16 @@ class _Cause:
             self.first_step = calls.first_step
         if calls.last_step > self.last_step:
             self.last_step = calls.last_step
-        order = (log_index, calls.first_step, calls.first_forward)
-        if self.first_forward is None or order < self.first_forward:
-            self.first_forward, self.forward_site = order, calls.site
-        self._layer(calls.layer.name, calls.layer.kind, calls.forwards)
+        earliest = self.first_forward  # (log index, step, forward): rows come mostly in order, so
+        if earliest is None or log_index != earliest[0] or calls.first_step <= earliest[1]:  # rarely earlier
+            order = (log_index, calls.first_step, calls.first_forward)
+            if earliest is None or order < earliest:
+                self.first_forward, self.forward_site = order, calls.site
+        name = calls.layer.name
+        if name in self.layers:  # _layer's common case, inline: this runs for every row
+            self.layers[name] += calls.forwards
+        else:
+            self._layer(name, calls.layer.kind, calls.forwards)
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
 
@@ -511,14 +517,13 @@ class Job:
                                     facts if facts is not None else Facts(), self._room)
         index, small_batch, ignored, causes, seen = log.index, self.small_batch, self.ignored, log.causes, log.seen
         timelines, tap, totals, moved = log.timelines, log.tap, log.totals, log.seen.moved
-        fed_by_state: dict = {}  # the causes a row's state feeds, worked out once per state
-        state_length = STATE_LENGTH
+        fed_by_state: dict = {}  # Calls.state -> the causes it feeds, worked out once per state
 
         def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
             totals[0] += calls.calls
             if calls.last_step > totals[1]:
                 totals[1] = calls.last_step
-            state = calls[:state_length]  # the state of the calls, without their counts and steps
+            state = calls.state
             fed = fed_by_state.get(state)
             if fed is None:
                 seen.note_state(calls)

@@ -148,17 +148,19 @@ class Watcher:
     # ------------------------------------------------------------------ from the hooks (hooks.Recorder)
 
     def begin_forward(self, frame: Any, model: int, args: tuple = ()) -> Forward:
-        if self.pending.done:  # forwards whose graph died since: resolve them first, to keep the order
-            self.pending.drain()
-        if args and type(args[0]) is torch.Tensor and self.pending.outputs:
+        pending = self.pending
+        if pending.done:  # forwards whose graph died since: resolve them first, to keep the order
+            pending.drain()
+        if pending.outputs and args and type(args[0]) is torch.Tensor:
             self._fed_by(args[0].grad_fn, model)
         user, recalibrating = sites.user_frame(frame)
         self._seq += 1
         record = self.registry.models[model]
         if not record.stepped:
             self._check_parameters(record)
-        return Forward(self._seq, self.catalog.site(user), self.catalog.context(allowed_rules(), recalibrating),
-                       self.step, model, record.steps, self.pending.done)
+        allowed = allowed_rules()
+        context = self.catalog.context(allowed, recalibrating) if allowed or recalibrating else 0
+        return Forward(self._seq, self.catalog.site(user), context, self.step, model, record.steps, pending.done)
 
     def _fed_by(self, node: Any, model: int) -> None:
         """A model called on the output of another's forward (a GAN's discriminator on the
@@ -203,13 +205,12 @@ class Watcher:
             # that was already recorded: recording it again would count it twice.
             return
         layer = owner.layer if id(module) == owner.module_id else self.registry.copy_layer(module, owner.layer)
-        call = owner.call(layer, module, args)
         forward = self.state.forward
         if forward is not None:
-            forward.calls.append(call)
+            owner.after(module, args, output, layer, forward)
             return
         forward = self.begin_forward(sys._getframe(2), self.registry.layer_models[layer])
-        forward.calls.append(call)
+        owner.after(module, args, output, layer, forward)
         self.end_forward(forward, output)
 
     def copy_model(self, module: nn.Module, original: int) -> int:

@@ -81,7 +81,8 @@ class Probe:
         try:
             forward = self.forward
             forward.probes -= 1
-            if forward.probes <= 0 and not forward.resolved:
+            # A training forward was queued by its backward already.
+            if forward.probes <= 0 and not forward.resolved and forward.kind != PARAM_GRAD:
                 forward.done.append(forward)
         except Exception:  # at interpreter exit, or anywhere the GC runs
             pass

@@ -122,7 +122,9 @@ class LayerHooks(Hooks):
     """Forward hook of one Dropout layer: appends one small tuple per call, nothing else.
 
     The common case (the layer itself, inside a watched forward) is kept to a few attribute
-    reads; everything unusual goes through ``Recorder.unusual_call``.
+    reads, in the hook itself (a further Python call per layer call would cost more than the
+    reads). Everything unusual goes through ``Recorder.unusual_call``, which calls the hook
+    again with the layer and the forward the call belongs to.
     """
 
     def __init__(self, watcher: Recorder, layer: int, module: nn.Module):
@@ -131,21 +133,28 @@ class LayerHooks(Hooks):
         self.module_id = id(module)
         self.state = watcher.state
         self.modes = watcher.layer_modes  # the watcher's list, updated in place
+        self.other = "p" not in module.__dict__  # torch's Dropout keeps its probability there
 
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def probability(self, module: nn.Module) -> Optional[float]:
+        return number(getattr(module, "p", None))
+
+    def after(self, module: nn.Module, args: tuple, output: Any, layer: int = -1, forward: Any = None) -> None:
         try:
-            forward = self.state.forward
-            if forward is None or id(module) != self.module_id:
-                return self.watcher.unusual_call(self, module, args, output)
-            forward.calls.append(self.call(self.layer, module, args))
+            if forward is None:
+                forward = self.state.forward
+                if forward is None or id(module) != self.module_id:
+                    return self.watcher.unusual_call(self, module, args, output)
+                layer = self.layer
+            # A module's attributes read from its __dict__: nn.Module's __getattr__ makes each
+            # attribute read a slow generic look-up, and one gets the dict for all of them.
+            attributes = module.__dict__
+            training = attributes["training"]
+            mode_id, mode = self.modes[layer]
+            forward.calls.append((layer, MODE_FLAGS[training][_is_grad_enabled()], None,
+                                  self.probability(module) if self.other else attributes["p"],
+                                  mode_id if mode == training else None))
         except Exception as exc:
             self.watcher.fail(exc)
-
-    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
-        """The recorded tuple of one call of ``module`` (as layer ``layer``)."""
-        training = module.training
-        mode_id, mode = self.modes[layer]
-        return layer, MODE_FLAGS[training][_is_grad_enabled()], None, module.p, mode_id if mode == training else None
 
 
 class OtherDropoutHooks(LayerHooks):
@@ -155,12 +164,10 @@ class OtherDropoutHooks(LayerHooks):
     def __init__(self, watcher: Recorder, layer: int, module: nn.Module):
         super().__init__(watcher, layer, module)
         self.attribute = probability_attribute(module)
+        self.other = True
 
-    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
-        training = module.training
-        mode_id, mode = self.modes[layer]
-        p = number(getattr(module, self.attribute, None)) if self.attribute else None
-        return layer, MODE_FLAGS[training][_is_grad_enabled()], None, p, mode_id if mode == training else None
+    def probability(self, module: nn.Module) -> Optional[float]:
+        return number(getattr(module, self.attribute, None)) if self.attribute else None
 
 
 class NormHooks(LayerHooks):
@@ -180,44 +187,55 @@ class NormHooks(LayerHooks):
 
     def __init__(self, watcher: Recorder, layer: int, module: nn.Module):
         super().__init__(watcher, layer, module)
-        self.counter = counter_of(module)
+        # One buffer's version for torch's own layers, read with their momentum from __dict__
+        # (a subclass that turned momentum into a property is measured as a custom layer).
+        self.counter = counter_of(module) if "momentum" in module.__dict__ else None
         self.exact = not is_torch_layer(module)
         self.versions = watcher.versions  # the watcher's lists, updated in place
         self.marks = watcher.marks
 
-    def call(self, layer: int, module: nn.Module, args: tuple) -> tuple:
-        training = module.training
-        flags = MODE_FLAGS[training][_is_grad_enabled()]
-        counter = self.counter
-        if counter is not None:  # torch's own layers: one buffer's version counter
-            tracked = _own_buffers(module).get(counter)
-            if tracked is None:
-                version = None
-            else:
-                try:
-                    version = tracked._version
-                except RuntimeError:  # an inference tensor: no version counter
-                    version = -1
-            momentum = module.momentum
-        else:
-            version = buffers_version(module)
-            momentum = number(getattr(module, "momentum", 0.0))
-        if version is not None:
-            versions = self.versions
-            if version != versions[layer] and (training or self.exact):
-                flags |= STATS_CHANGED
-            versions[layer] = version
-        parameters = _own_parameters(module)
-        weight = parameters.get("weight")
-        if weight is None or not weight.requires_grad:  # rare: frozen, affine=False or custom
-            flags |= self.frozen(layer, parameters)
+    def after(self, module: nn.Module, args: tuple, output: Any, layer: int = -1, forward: Any = None) -> None:
         try:
-            shape = args[0].shape
-            batch = shape[0] if len(shape) > 1 else None
-        except (IndexError, AttributeError, TypeError):  # no tensor input
-            batch = None
-        mode_id, mode = self.modes[layer]
-        return layer, flags, batch, momentum, mode_id if mode == training else None
+            if forward is None:
+                forward = self.state.forward
+                if forward is None or id(module) != self.module_id:
+                    return self.watcher.unusual_call(self, module, args, output)
+                layer = self.layer
+            attributes = module.__dict__  # see LayerHooks.after
+            training = attributes["training"]
+            flags = MODE_FLAGS[training][_is_grad_enabled()]
+            counter = self.counter
+            if counter is not None:  # torch's own layers: one buffer's version counter
+                tracked = attributes["_buffers"].get(counter)
+                if tracked is None:
+                    version = None
+                else:
+                    try:
+                        version = tracked._version
+                    except RuntimeError:  # an inference tensor: no version counter
+                        version = -1
+                momentum = attributes["momentum"]
+            else:
+                version = buffers_version(module)
+                momentum = number(getattr(module, "momentum", 0.0))
+            if version is not None:
+                versions = self.versions
+                if version != versions[layer] and (training or self.exact):
+                    flags |= STATS_CHANGED
+                versions[layer] = version
+            parameters = attributes["_parameters"]
+            weight = parameters.get("weight")
+            if weight is None or not weight.requires_grad:  # rare: frozen, affine=False or custom
+                flags |= self.frozen(layer, parameters)
+            try:
+                shape = args[0].shape
+                batch = shape[0] if len(shape) > 1 else None
+            except (IndexError, AttributeError, TypeError):  # no tensor input
+                batch = None
+            mode_id, mode = self.modes[layer]
+            forward.calls.append((layer, flags, batch, momentum, mode_id if mode == training else None))
+        except Exception as exc:
+            self.watcher.fail(exc)
 
     def frozen(self, layer: int, parameters: dict) -> int:
         """FROZEN when the layer has parameters and none requires grad; PARAMS_MOVED as well when

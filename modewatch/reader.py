@@ -7,6 +7,7 @@ field is checked, every table is bounded, and a line that does not parse is coun
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -64,10 +65,12 @@ began); `via`: the library function the user's line called, which made the call;
 mode this library call only kept.""", defaults=(False, None, None))
 Context = _record("Context", "allow recalibration", "What ran around a forward: rules allowed, recalibration.")
 Calls = _record("Calls", "layer forward_kind training grad inference stats_changed batch param mode site context "
-                "frozen moved first_step last_step first_forward forwards calls", """A run of identical layer
-calls, with every reference resolved: its state (the first STATE_LENGTH fields: `param` is dropout p or BatchNorm
+                "frozen moved state first_step last_step first_forward forwards calls", """A run of identical layer
+calls, with every reference resolved: its state (the fields before `state`: `param` is dropout p or BatchNorm
 momentum, None for a cumulative average; `frozen`: a norm layer whose parameters all had requires_grad=False;
-`moved`: ... and changed since its previous call all the same) and its counts.""")
+`moved`: ... and changed since its previous call all the same), `state`: a number the reader gives each distinct
+state (never given twice in one log: what per-state work is keyed by, cheaper than hashing the state), and its
+counts.""")
 
 NO_CONTEXT = Context(frozenset(), False)
 
@@ -108,9 +111,6 @@ class Facts:
             self.norm_layers += 1
 
 
-# The fields of Calls before its counts (the row's last ROW_LENGTH - STATE_FIELDS fields): what a
-# run of calls was, its resolved row state.
-STATE_LENGTH = len(Calls._fields) - (ROW_LENGTH - STATE_FIELDS)
 
 
 def job_rank(header: Header) -> Optional[int]:
@@ -202,6 +202,7 @@ class LogReader:
         self._text_kept = 0  # characters of the definitions kept (MAX_TEXT_KEPT)
         self._states: dict = {}  # a row's first STATE_FIELDS fields -> their checked, resolved values
         self._state_hashes: collections.Counter = collections.Counter()  # hash -> states cached under it
+        self._state_numbers = itertools.count()  # Calls.state of each state resolved
 
     # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
     # rows that refer to them are skipped, which keeps memory bounded for any input.
@@ -414,12 +415,11 @@ class LogReader:
             raise _Bad from None
         except KeyError:
             state = self._resolve_state(row)
-        counts = tuple(row[STATE_FIELDS:])  # first_step, last_step, first_forward, forwards, calls
-        first, last, first_fwd, forwards, calls = counts
+        first, last, first_fwd, forwards, calls = row[STATE_FIELDS:]  # the counts
         if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
                 and 0 <= first <= last <= MAX_INT and 0 <= first_fwd <= MAX_INT and 1 <= forwards <= MAX_INT
                 and 1 <= calls <= MAX_INT):
-            return _new_calls(Calls, state + counts)
+            return _new_calls(Calls, state + (first, last, first_fwd, forwards, calls))
         raise _Bad
 
     def _resolve_state(self, row: list) -> tuple:
@@ -432,6 +432,7 @@ class LogReader:
             None if mode is None else self._ref(self._modes, mode),
             None if site is None else self._ref(self._sites, site),
             self._ref(self._contexts, context), bool(flags & FROZEN), bool(flags & PARAMS_MOVED),
+            next(self._state_numbers),
         )
         key = tuple(row[:STATE_FIELDS])
         same = hash(key)

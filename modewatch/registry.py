@@ -251,14 +251,28 @@ class Registry:
             known = self.lookup(module)
             if known is not None and known.layer is not None:
                 return known.layer
+            name = self.layer_names[original]
             if model is None:
                 model = known.model if known is not None else self.layer_models[original]
-            name = self.layer_names[original]
+                if known is None:  # a copy made and attached inside a watched model: named as it names it
+                    name = self.path_in(model, module) or name
             layer = self.add_layer(module, name, category_of(module, self.named) or "norm", model, copy_of=original)
             if known is None:
                 known = self.remember(module, model, name)
             known.layer = layer
             return layer
+
+    def path_in(self, model: int, module: nn.Module) -> Optional[str]:
+        """The name of ``module`` in the watched model ``model`` (a deep copy made inside it and
+        attached to it, as a BYOL target made at the first forward is), or None. Looked for once
+        per copied layer, at its first call."""
+        root = self.models[model].ref() if 0 <= model < len(self.models) else None
+        if root is None:
+            return None
+        for name, inside in root.named_modules():
+            if inside is module:
+                return name or None
+        return None
 
     def find_layer(self, module: nn.Module, model: Optional[int] = None) -> Optional[int]:
         """The layer id of ``module``: watched, a known copy, or a copy not yet called."""

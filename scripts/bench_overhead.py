@@ -1,6 +1,6 @@
 """Training-step overhead of modewatch.watch(), against bare training and against empty hooks.
 
-    python scripts/bench_overhead.py [--rounds 201] [--steps 20] [--conv-steps 3]
+    python scripts/bench_overhead.py [--rounds 201] [--steps 20] [--conv-steps 3] [--warm-up 3]
 
 Models:
 - hook-bound: 12 blocks of Linear(16,16)/BatchNorm1d/ReLU/Dropout, batch 8, one CPU thread: the
@@ -15,6 +15,11 @@ Machines here are shared and noisy, so: within each round the variants run in a 
 (a fixed seed; never the same neighbour each time), each timed by thread CPU time over `steps`
 training steps, and the figures are medians of the per-round paired differences. No watcher is
 active while another variant runs (watch() patches torch process-wide while it is active).
+
+Each round puts each variant's instrumentation on afresh (a new watcher), and its first
+`--warm-up` steps are timed apart: a watcher's first steps define its sites and look at the
+optimizer once, a cost per watcher, not per step. Spread over 20 timed steps it would read as
+~10 us a step more than a training job pays. The start-up cost is printed on its own.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ class Bench:
         self.y = torch.randint(0, 2, (shape[0],))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
 
-    def steps(self, name: str, n: int) -> float:
-        """Thread CPU seconds per training step, over n steps, with this variant's instrumentation on."""
+    def steps(self, name: str, n: int, warm_up: int = 0) -> tuple:
+        """Thread CPU seconds of the first ``warm_up`` steps, and per step over the ``n`` after them,
+        with this variant's instrumentation on."""
         handles, watcher = [], None
         if name == "empty hooks":
             for m in self.model.modules():
@@ -81,32 +87,41 @@ class Bench:
         elif name == "watch":
             watcher = modewatch.watch(self.model, log=os.path.join(self.folder, "bench-{pid}.jsonl"))
         start = time.thread_time()
+        self._train(warm_up)
+        started = time.thread_time()
+        self._train(n)
+        elapsed = time.thread_time() - started
+        for handle in handles:
+            handle.remove()
+        if watcher is not None:
+            watcher.close()
+        return started - start, elapsed / n
+
+    def _train(self, n: int) -> None:
         for _ in range(n):
             loss = nn.functional.cross_entropy(self.model(self.x), self.y)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
-        elapsed = time.thread_time() - start
-        for handle in handles:
-            handle.remove()
-        if watcher is not None:
-            watcher.close()
-        return elapsed / n
 
 
-def measure(benches: dict, rounds: int, steps: dict, seed: int = 0) -> dict:
-    """{(bench, variant): [seconds per step, one per round]}, variants shuffled within each round."""
+def measure(benches: dict, rounds: int, steps: dict, warm_up: int, seed: int = 0) -> tuple:
+    """{(bench, variant): [seconds per step, one per round]}, variants shuffled within each round,
+    and {(bench, variant): [seconds of the first warm_up steps, one per round]}."""
     runs = [(bench, name) for bench, names in benches.items() for name in names]
-    for bench, name in runs:  # warm-up
-        bench.steps(name, max(steps[bench] // 10, 2))
+    for bench, name in runs:  # the process's own warm-up (caches, allocator)
+        bench.steps(name, max(steps[bench] // 10, 2), warm_up)
     times: dict = {run: [] for run in runs}
+    starts: dict = {run: [] for run in runs}
     shuffle = random.Random(seed).shuffle
     for _ in range(rounds):
         order = runs[:]
         shuffle(order)
         for bench, name in order:
-            times[bench, name].append(bench.steps(name, steps[bench]))
-    return times
+            start, per_step = bench.steps(name, steps[bench], warm_up)
+            starts[bench, name].append(start)
+            times[bench, name].append(per_step)
+    return times, starts
 
 
 def paired(times: dict, bench: Bench, a: str, b: str = "bare") -> float:
@@ -118,15 +133,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=201)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--conv-steps", type=int, default=3)
+    parser.add_argument("--warm-up", type=int, default=3, help="untimed steps after instrumenting (default 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = tempfile.mkdtemp(prefix="modewatch-bench-")
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds, variants shuffled within each round")
+    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds, variants shuffled within each round, "
+          f"{args.warm_up} warm-up steps timed apart")
 
     bound, single, conv = Bench(hook_bound, folder), Bench(one_layer, folder), Bench(conv_net, folder)
     variants = ["bare", "empty hooks", "watch"]
-    times = measure({bound: variants, single: variants, conv: ["bare", "watch"]}, args.rounds,
-                    {bound: args.steps, single: args.steps, conv: args.conv_steps})
+    times, starts = measure({bound: variants, single: variants, conv: ["bare", "watch"]}, args.rounds,
+                            {bound: args.steps, single: args.steps, conv: args.conv_steps}, args.warm_up)
 
     empty, watched = paired(times, bound, "empty hooks"), paired(times, bound, "watch")
     print(f"\nhook-bound ({bound.layers} layers: 12 x Linear/BatchNorm1d/ReLU/Dropout, batch 8), {args.steps} steps a round")
@@ -141,6 +158,9 @@ def main() -> None:
     print(f"  watch(), 1 layer call     {fixed * 1e6:+8.1f} us/step   (empty pre+post hooks: "
           f"{paired(times, single, 'empty hooks') * 1e6:+.1f})")
     print(f"  each further layer call   {per_layer * 1e6:+8.2f} us")
+    if args.warm_up:
+        first = paired(starts, single, "watch")
+        print(f"  a new watcher's first {args.warm_up} steps {first * 1e6:+8.1f} us in all (once per watcher)")
 
     bare = statistics.median(times[conv, "bare"])
     watched = paired(times, conv, "watch")

@@ -150,6 +150,6 @@ def test_the_sweep_finds_what_comparing_every_pair_of_spans_finds():
             first = generator.randint(0, 60)
             layer = Layer(generator.choice(["a", "module.a", "b"]), "Dropout", "dropout", 0, False)
             timelines.add(Calls(layer, PARAM_GRAD, generator.random() < 0.5, True, False, False, None, 0.5, None,
-                                None, NO_CONTEXT, False, False, first, first + generator.randint(0, 8), 0, 1, 1),
+                                None, NO_CONTEXT, False, False, 0, first, first + generator.randint(0, 8), 0, 1, 1),
                           generator.randint(0, 3), 0)
         assert timelines.mismatches() == every_pair(timelines), seed

@@ -752,6 +752,41 @@ def test_evaluation_in_train_mode_before_training_stays_an_error(log, trains_lat
     assert found["stat-update-in-eval"].forward_site["line"] == line_of("evaluation before training")
 
 
+class LazyTarget(nn.Module):
+    """lucidrains/byol-pytorch's shape: the target network is a deep copy of the online one made
+    at the first forward (a mock forward in __init__) and attached to the learner."""
+
+    def __init__(self):
+        super().__init__()
+        self.online = encoder()
+        self.target = None
+        self.to("cpu")
+        self(torch.randn(2, 8))  # mock forward: makes the target
+
+    def forward(self, x):
+        if self.target is None:
+            self.target = copy.deepcopy(self.online)
+            self.target.requires_grad_(False)
+        with torch.no_grad():
+            target = self.target(x)
+        return nn.functional.mse_loss(self.online(x), target)
+
+
+def test_a_copy_made_and_attached_inside_a_watched_model_is_named_as_it_names_it(log):
+    """A deep copy made during a forward of a model found already, and attached to it, has its
+    own names in findings (target.1), not those of the layers it was copied from (online.1)."""
+    with watch_everything(log):
+        learner = LazyTarget()
+        optimizer = torch.optim.SGD(learner.online.parameters(), lr=0.1)
+        for x, _ in batches(4):
+            loss = learner(x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.layers) == ("stat-update-in-frozen", ["target.1"])
+
+
 def test_a_teacher_only_loaded_and_frozen_is_found_under_modewatch(log):
     """Knowledge distillation under MODEWATCH=1: a teacher that never calls .train()/.eval() and
     has no optimizer is found where it is set up (moved, loaded or frozen), and running it in

@@ -1,0 +1,151 @@
+"""What watching costs at the least: torch's own price for the mechanisms watch() relies on.
+
+    python scripts/bench_floor.py [--rounds 101] [--steps 20]
+
+Each mechanism alone, with an empty body, on the one-layer model (Linear/Dropout/Linear, batch 8)
+and the hook-bound model of bench_overhead.py, in steady state (3 untimed steps after putting it
+on): the probe (a ``grad_fn`` pre-hook registered on each forward's output, what makes the
+training/evaluation verdict exact), a pass-through wrapt wrapper on ``torch.autograd.backward``,
+a pre- and a post-hook on the model, an optimizer step post-hook, and one post-hook per layer.
+Then where watch()'s overhead falls in a step of the hook-bound model: forward, backward,
+optimizer step (with the graph freed before it). Interleaved, shuffled per round, thread CPU
+time, medians of per-round paired differences (see bench_overhead.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+import wrapt
+
+import modewatch
+from modewatch.layers import category
+
+from bench_overhead import hook_bound, one_layer  # the same models (this script's folder is on sys.path)
+
+WARM_UP = 3
+
+
+class _Empty:
+    """Bound methods, as modewatch's hooks are."""
+
+    def before(self, module, args):
+        return None
+
+    def after(self, module, args, output):
+        return None
+
+    def probe(self, grad_outputs):
+        return None
+
+    def step(self, optimizer, args, kwargs):
+        return None
+
+
+def _pass_through(wrapped, instance, args, kwargs):
+    return wrapped(*args, **kwargs)
+
+
+VARIANTS = ("bare", "probe", "backward wrapper", "model hooks", "step hook", "all four", "layer post-hooks", "watch")
+
+
+class Bench:
+    def __init__(self, build, folder: str):
+        torch.manual_seed(0)
+        self.model, shape = build()
+        self.model.train()
+        self.layers = [m for m in self.model.modules() if category(m)]
+        self.x, self.y = torch.randn(*shape), torch.randint(0, 2, (shape[0],))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.folder = folder
+        self.empty = _Empty()
+
+    def run(self, variant: str, n: int) -> list:
+        """Thread CPU seconds per step of [the whole step, forward, backward, graph freed + optimizer step]."""
+        empty, handles, watcher, original = self.empty, [], None, torch.autograd.backward
+        probe = variant in ("probe", "all four")
+        if variant in ("backward wrapper", "all four"):
+            torch.autograd.backward = wrapt.FunctionWrapper(original, _pass_through)
+        if variant in ("model hooks", "all four"):
+            handles += [self.model.register_forward_pre_hook(empty.before),
+                        self.model.register_forward_hook(empty.after, always_call=True)]
+        if variant in ("step hook", "all four"):
+            handles.append(register_optimizer_step_post_hook(empty.step))
+        if variant == "layer post-hooks":
+            handles += [layer.register_forward_hook(empty.after) for layer in self.layers]
+        if variant == "watch":
+            watcher = modewatch.watch(self.model, log=os.path.join(self.folder, "floor-{pid}.jsonl"))
+        clock = time.thread_time_ns
+        phases = [0, 0, 0, 0]
+        try:
+            for i in range(WARM_UP + n):
+                start = clock()
+                output = self.model(self.x)
+                if probe:
+                    output.grad_fn.register_prehook(empty.probe)
+                forward = clock()
+                loss = nn.functional.cross_entropy(output, self.y)
+                self.optimizer.zero_grad()
+                del output
+                backward = clock()
+                loss.backward()
+                stepping = clock()
+                del loss
+                self.optimizer.step()
+                end = clock()
+                if i >= WARM_UP:
+                    for k, spent in enumerate((end - start, forward - start, stepping - backward, end - stepping)):
+                        phases[k] += spent
+        finally:
+            torch.autograd.backward = original
+            for handle in handles:
+                handle.remove()
+            if watcher is not None:
+                watcher.close()
+        return [spent / n / 1e9 for spent in phases]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=101)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    folder = tempfile.mkdtemp(prefix="modewatch-floor-")
+    benches = {"one layer": Bench(one_layer, folder), "hook-bound": Bench(hook_bound, folder)}
+    runs = [(name, variant) for name in benches for variant in VARIANTS]
+    for name, variant in runs:
+        benches[name].run(variant, 2)
+    times: dict = {run: [] for run in runs}
+    shuffle = random.Random(0).shuffle
+    for _ in range(args.rounds):
+        order = runs[:]
+        shuffle(order)
+        for name, variant in order:
+            times[name, variant].append(benches[name].run(variant, args.steps))
+
+    def over(name: str, variant: str, phase: int = 0) -> float:
+        pairs = zip(times[name, variant], times[name, "bare"])
+        return statistics.median(a[phase] - b[phase] for a, b in pairs) * 1e6
+
+    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds of {args.steps} steps, "
+          f"{WARM_UP} warm-up steps, variants shuffled within each round")
+    print(f"\n{'us per step over bare':30s}" + "".join(f"{name:>14s}" for name in benches))
+    for variant in VARIANTS[1:]:
+        print(f"{variant:30s}" + "".join(f"{over(name, variant):+14.1f}" for name in benches))
+    print("\nwhere watch() costs, hook-bound model (us per step over bare; empty layer post-hooks beside it)")
+    for phase, label in ((1, "forward"), (2, "backward"), (3, "graph freed + optimizer step")):
+        print(f"  {label:30s} watch {over('hook-bound', 'watch', phase):+7.1f}   "
+              f"layer post-hooks {over('hook-bound', 'layer post-hooks', phase):+7.1f}")
+
+
+if __name__ == "__main__":
+    main()
