@@ -56,8 +56,13 @@ def _torch_imported(torch: Any) -> None:
             warn(f"MODEWATCH is set, but torch {torch.__version__} is older than modewatch supports "
                  f"({'.'.join(map(str, MIN_TORCH))}); the program runs unwatched")
             return
+        from . import logpath
         from .collector import Watcher
 
+        problem = logpath.unwritable(logpath.substitute(logpath.template()))
+        if problem is not None:  # said now, not when the program ends and the log is lost
+            warn(f"{problem}; the program runs unwatched")
+            return
         watcher = Watcher(None, discover=True)
         watcher.always_log = True  # a CI step analyzing the program's log must find one
     except Exception as exc:

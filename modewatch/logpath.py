@@ -69,6 +69,25 @@ def substitute(path_template: str) -> str:
     return path_template.replace("{rank}", "0" if r is None else str(r)).replace("{pid}", str(os.getpid()))
 
 
+def unwritable(path: str) -> Optional[str]:
+    """Why no log could be made at ``path`` (checked before anything is recorded, creating
+    nothing), or None when it looks possible: the nearest existing folder on its way is not a
+    folder, or is not writable. A full disk is found only when writing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"cannot write the modewatch log {path!r}: {folder!r} is not a folder"
+    if not os.access(folder, os.W_OK):
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 0))
+        except (OSError, AttributeError):
+            read_only = False
+        why = "is on a read-only file system" if read_only else "is not writable"
+        return f"cannot write the modewatch log {path!r}: {folder!r} {why}"
+    return None
+
+
 def _alternatives(path: str) -> Iterator[str]:
     yield path
     stem, ext = os.path.splitext(path)
