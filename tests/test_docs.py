@@ -102,6 +102,14 @@ def test_example_runs_and_shows_what_it_says(ran, name, code):
         assert (f"'{tag.group(2)}'" in reported) == (tag.group(1) == "buggy"), reported
 
 
+def test_the_first_example_prints_what_the_page_says(ran):
+    """Getting started shows what its 30-second example prints: those lines, exactly."""
+    with open(os.path.join(DOCS, "getting-started.md")) as f:
+        page = f.read()
+    shown = re.search(r"called the model:\n\n```text\n(.*?)```", page, re.S).group(1)
+    assert result_of(ran, "getting-started.md#1")["stdout"] == shown
+
+
 def shown_reports():
     """{"PAGE#N": text} of the N-th block of each page that shows a text report, the command line
     above it (`$ ...`) left out."""
