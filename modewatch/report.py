@@ -323,7 +323,8 @@ def html_report(analysis: Analysis, timeline: Any, sources: Optional[Any] = None
     parts.append("<h2>Timeline</h2><p class=legend>" + "".join(
         f'<span><i style="background:{COLORS[state]}"></i>{e(name)}</span>' for state, name in STATE_NAMES.items())
         + f"</p><p class=site>Optimizer steps 0-{timeline.last_step:,}, left to right.</p><table class=timeline>")
-    for label, spans in timeline.rows(logs):
+    erring = {name for f in analysis.findings if f.severity == "error" for name in f.layers}
+    for label, spans in timeline.rows(logs, erring):
         parts.append(f"<tr><td>{e(label)}</td><td>{_bar(spans, timeline.last_step)}</td></tr>")
     parts.append("</table>")
     if timeline.dropped_layers:

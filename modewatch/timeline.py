@@ -11,7 +11,7 @@ import os
 
 TYPE_CHECKING = False  # typing is for annotations only: the CLI starts without importing it
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Callable, Optional
 
 from .format import PARAM_GRAD
 from .reader import Calls, Header, add_bounded, job_rank
@@ -93,12 +93,17 @@ class Timeline:
         self._open_last_step = max(self._open_last_step, calls.last_step)
         _extend(spans, calls.first_step, calls.last_step, state_of(calls))
 
-    def rows(self, logs: int) -> list:
+    def rows(self, logs: int, erring: Optional[set] = None) -> list:
         """(label, spans) per layer row; a row's label names its rank, or its log when several
-        separate runs are drawn."""
+        separate runs are drawn. ``erring``: the layer names of the error findings. Spans are
+        drawn from each run of calls alone, before the verdicts that wait for the whole log (an
+        EMA target, a skipped batch, a dry run): a layer in no error finding is drawn as worth a
+        look there, never as wrong."""
         rows = []
         for (owner, name), spans in self.layers.items():
             label = owner if owner.startswith("rank ") else (os.path.basename(owner) if logs > 1 else "")
+            if erring is not None and name not in erring:
+                spans = [[first, last, INFO if state == BAD else state] for first, last, state in spans]
             rows.append((f"{label}: {name}" if label else name, spans))
         return rows
 

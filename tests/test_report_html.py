@@ -69,6 +69,30 @@ def test_the_timeline_keeps_few_spans_and_the_worst_state(tmp_path):
     assert worst[0] <= bad <= worst[1] and worst[1] - worst[0] < 16
 
 
+def test_the_timeline_draws_wrong_only_what_a_finding_says_is_wrong(seed_log, tmp_path):
+    """Runs of calls are drawn before the whole log is read; a layer that ends in no error
+    finding (here a training batch skipped on a non-finite loss, no evaluation) is drawn as worth
+    a look, never in the colour of an error. The seed bug's layers still are."""
+    import torch
+
+    from modewatch.report import COLORS
+
+    model = helpers.Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=tmp_path / "skips.jsonl"):
+        for step, (x, y) in enumerate(helpers.batches(6)):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if step == 3:
+                continue  # as if its loss were not finite
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    wrong, worth_a_look = f'fill="{COLORS["bad"]}"', f'fill="{COLORS["info"]}"'
+    page = report([str(tmp_path / "skips.jsonl")], tmp_path / "skips.html")
+    assert "No mode problems found." in page and wrong not in page and worth_a_look in page
+    assert wrong in report([seed_log], tmp_path / "seed.html")
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
