@@ -31,7 +31,7 @@ from .layers import check_named
 from .live import ON_FINDING, Live
 from .writer import LogWriter
 from .optimizers import Optimizers
-from .registry import Registry
+from .registry import Registry, has_anything_to_watch
 
 FLUSH_SECONDS = 1.0  # a killed job loses at most about this much of its log
 MAX_ROWS_PER_LINE = 2048  # rows buffered before they are written, whatever the clock says
@@ -167,8 +167,8 @@ class Watcher:
         generator's images): the other is a generator, whose sampling in train mode is no
         evaluation (stat-update-in-sampling). Written once seen twice, for one pair."""
         source = self.pending.outputs.get(id(node)) if node is not None else None
-        if source is None or source == model:
-            return
+        if source is None or source == model or not self.registry.models[model].sample:
+            return  # (a model with no parameters, a loss module, is no discriminator)
         pair = (source, model)
         seen = self._feeds.get(pair, 0) + 1
         self._feeds[pair] = seen
@@ -248,11 +248,13 @@ class Watcher:
 
     def on_model_set_up(self, module: nn.Module, frame: Any) -> None:
         """MODEWATCH=1: a module moved, loaded or frozen (``teacher.to(device)``,
-        ``teacher.load_state_dict(...)``) is watched as a model, unless it is one or part of one."""
+        ``teacher.load_state_dict(...)``) is watched as a model, unless it is one or part of one,
+        or has nothing to watch (a loss module: watched, the model it is called on would pass for
+        a generator feeding it)."""
         if self.off or not self.discover or self.state.depth:
             return
         try:
-            if self.registry.lookup(module) is None:
+            if self.registry.lookup(module) is None and has_anything_to_watch(module, self.registry.named):
                 self.add_model(module, frame)
         except Exception as exc:
             self.fail(exc)

@@ -74,6 +74,13 @@ def parameter_count(module: nn.Module) -> Optional[int]:
         return None
 
 
+def has_anything_to_watch(module: nn.Module, named: Any) -> bool:
+    """Whether a module found by being set up is a model: it has parameters, or a mode-sensitive
+    layer. A loss module moved to the device (``nn.CrossEntropyLoss().to(device)``) is not."""
+    return (next(module.parameters(), None) is not None
+            or any(category_of(inside, named) is not None for inside in module.modules()))
+
+
 def parameter_sample(module: nn.Module) -> tuple:
     params = list(module.parameters())
     if len(params) > PARAMETER_SAMPLE:

@@ -787,6 +787,32 @@ def test_a_copy_made_and_attached_inside_a_watched_model_is_named_as_it_names_it
     assert (finding.rule, finding.layers) == ("stat-update-in-frozen", ["target.1"])
 
 
+@pytest.mark.parametrize("watched", ["found", "watched"])
+def test_a_loss_module_is_no_discriminator(log, watched):
+    """pytorch/examples imagenet moves its loss module to the device (``criterion.to(device)``):
+    under MODEWATCH=1 it is not taken for a model, and, watched or not, the classifier called
+    before it is no generator. Validation under no_grad in train mode stays an error."""
+    model = encoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch_everything(log) as watcher:
+        criterion = nn.MSELoss().to("cpu")
+        if watched == "watched":
+            watcher.add_model(criterion)
+        for epoch in range(2):
+            model.train()
+            for x, _ in batches(3):
+                loss = criterion(model(x), x)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                criterion(model(x), x)  # <- validated in train mode
+    found = findings_by_rule(modewatch.analyze(log))
+    assert (found["stat-update-in-eval"].severity, found["stat-update-in-eval"].forward_site["line"]) == (
+        "error", line_of("validated in train mode"))
+    assert "stat-update-in-sampling" not in found
+
+
 def test_a_teacher_only_loaded_and_frozen_is_found_under_modewatch(log):
     """Knowledge distillation under MODEWATCH=1: a teacher that never calls .train()/.eval() and
     has no optimizer is found where it is set up (moved, loaded or frozen), and running it in
