@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 from . import ranks as distributed
 from .errors import LogFormatError
 from .format import GRAPH_UNUSED, PARAM_GRAD
-from .reader import MAX_TABLE, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
+from .reader import MAX_TABLE, STATE_LENGTH, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
 from .rules import RULES, check_rules, rules_for, severity_rank
 
 SMALL_BATCH = 8
@@ -83,12 +83,32 @@ def _cause_key(mode: Optional[ModeSet]) -> Any:
     return (mode.site, mode.call, mode.mode, mode.scope)
 
 
+_UNSETTLED = object()
+
+
+class _Names:
+    """What a settled cause keeps of its log (``_Cause.freeze``): the names of the models its
+    finding names, as ``_Seen`` gives them."""
+
+    def __init__(self, seen: "_Seen", models: set):
+        self._models = {model: (seen.model_name(model), seen.model_dict(model)) for model in models}
+
+    def model_name(self, model: Optional[int]) -> str:
+        return self._models.get(model, ("a model", None))[0]
+
+    def model_dict(self, model: Optional[int]) -> Optional[dict]:
+        return self._models.get(model, ("a model", None))[1]
+
+    def settling(self) -> None:
+        pass
+
+
 class _Cause:
     """Accumulates the calls of one finding while the logs stream by."""
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
                  "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call", "model", "detail",
-                 "seen", "rules", "recognised", "room", "crowded", "steps_seen")
+                 "seen", "rules", "recognised", "room", "crowded", "steps_seen", "verdict")
 
     def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
                  call: Optional[tuple] = None, model: Optional[int] = None, detail: Any = None,
@@ -109,12 +129,11 @@ class _Cause:
         self.kinds: dict = {}  # name -> class name, for the names shown in the message
         self.smallest_batch: Optional[int] = None
         self.crowded = False  # more than one of its forwards came between two steps
+        self.verdict: Any = _UNSETTLED  # settled once its log is read to its end (see freeze)
         self.steps_seen: dict = {}  # layer name -> the step of its latest single forward
 
     def add(self, calls: Calls, log_index: int) -> None:
         self.count += calls.calls
-        if calls.forward_kind == GRAPH_UNUSED and not self.crowded:  # only where it may tell a skipped batch
-            self._crowding(calls)
         if self.first_step is None:
             self.first_step, self.last_step = calls.first_step, calls.last_step
         elif calls.first_step < self.first_step:
@@ -133,6 +152,8 @@ class _Cause:
             self._layer(name, calls.layer.kind, calls.forwards)
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
+        if calls.forward_kind == GRAPH_UNUSED and not self.crowded:  # only where it may tell a skipped batch
+            self._crowding(calls)
 
     def _crowding(self, calls: Calls) -> None:
         # A row of several forwards is taken as crowded even where its steps differ (the collector
@@ -144,7 +165,7 @@ class _Cause:
         name, step = calls.layer.name, calls.first_step
         if self.steps_seen.get(name) == step:
             self.crowded = True
-        elif name in self.steps_seen or len(self.steps_seen) < MAX_LAYERS_PER_FINDING:
+        elif name in self.layers:  # the layers it keeps, which the job's room bounds
             self.steps_seen[name] = step
 
     def _layer(self, name: str, kind: str, forwards: int) -> None:
@@ -183,6 +204,18 @@ class _Cause:
         twin.layers, twin.kinds, twin.rules = dict(self.layers), dict(self.kinds), set(self.rules)
         twin.steps_seen = dict(self.steps_seen)
         return twin
+
+    def freeze(self) -> None:
+        """Its log is read to its end: settle its verdict now and keep, of what the log showed,
+        only the names its finding shows, so that a job of many logs holds no log's tables."""
+        seen = self.seen
+        if seen is None or self.verdict is not _UNSETTLED:
+            return
+        self.verdict = _settle(self, True)
+        named = {self.model}
+        if self.verdict is not None and self.verdict[2] is not None:  # (how, online model) recognised
+            named.add(self.verdict[2][1])
+        self.seen = _Names(seen, named)
 
     def finding(self, small_batch: int) -> Finding:
         batches = max(self.layers.values(), default=0)
@@ -381,6 +414,7 @@ class _Seen:
         self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
         self._alike: Optional[dict] = None  # see _trained_alike
         self._likenesses: dict = {}  # model id -> its likeness, while settling
+        self._lowest_trained: Optional[int] = None  # min(trained), while settling
 
     def note_state(self, calls: Calls) -> None:
         """Once per distinct state of calls."""
@@ -408,7 +442,9 @@ class _Seen:
         if model is None or model in facts.optimized_models or model in self.trained or not self.trained:
             return None  # nothing else trains: inference in train mode
         if model in facts.updated_models:
-            return ("updated", min(self.trained))
+            if self._lowest_trained is None:  # once per settling, not once per finding
+                self._lowest_trained = min(self.trained)
+            return ("updated", self._lowest_trained)
         info = facts.models.get(model)
         if info is not None and info.copy_of in self.trained:
             return ("copy", info.copy_of)
@@ -441,6 +477,7 @@ class _Seen:
         the log (a live analysis settles again as the log grows)."""
         self._alike = None
         self._likenesses = {}
+        self._lowest_trained = None
 
     def dry_run(self, cause: _Cause) -> bool:
         """A single forward before the first step of a model that trains: materialising lazy
@@ -464,6 +501,8 @@ def _plain_layers(layers: Optional[set]) -> frozenset:
 def _settle(cause: _Cause, final: bool) -> Any:
     """The final (rule, severity, recognised) of a cause; None to drop it; ``...`` while more of
     the log could still change it (only when not ``final``: a live analysis). See rules.Rule.settle."""
+    if cause.verdict is not _UNSETTLED:
+        return cause.verdict
     settle = RULES[cause.rule].settle
     if settle is None or cause.seen is None:
         return cause.rule, cause.severity, None
@@ -524,6 +563,8 @@ class Job:
             if calls.last_step > totals[1]:
                 totals[1] = calls.last_step
             state = calls.state
+            if state is None:  # a log of more states than the reader numbers: keyed by value
+                state = calls[:STATE_LENGTH]
             fed = fed_by_state.get(state)
             if fed is None:
                 seen.note_state(calls)
@@ -561,6 +602,9 @@ class Job:
             summary["unclosed_logs"].append(log.path)
         if reader.models == 0:
             summary["logs_without_models"].append(log.path)
+        log.seen.settling()
+        for cause in log.causes.values():
+            cause.freeze()
         for key, cause in log.causes.items():
             if key in self.causes:
                 self.causes[key].absorb(cause)

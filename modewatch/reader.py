@@ -7,7 +7,6 @@ field is checked, every table is bounded, and a line that does not parse is coun
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 import os
@@ -69,8 +68,11 @@ Calls = _record("Calls", "layer forward_kind training grad inference stats_chang
 calls, with every reference resolved: its state (the fields before `state`: `param` is dropout p or BatchNorm
 momentum, None for a cumulative average; `frozen`: a norm layer whose parameters all had requires_grad=False;
 `moved`: ... and changed since its previous call all the same), `state`: a number the reader gives each distinct
-state (never given twice in one log: what per-state work is keyed by, cheaper than hashing the state), and its
-counts.""")
+state (one per state in one log: what per-state work is keyed by, cheaper than hashing the state; None past
+MAX_TABLE states), and its counts.""")
+
+# The fields of Calls before `state`: what a run of calls was.
+STATE_LENGTH = Calls._fields.index("state")
 
 NO_CONTEXT = Context(frozenset(), False)
 
@@ -202,7 +204,7 @@ class LogReader:
         self._text_kept = 0  # characters of the definitions kept (MAX_TEXT_KEPT)
         self._states: dict = {}  # a row's first STATE_FIELDS fields -> their checked, resolved values
         self._state_hashes: collections.Counter = collections.Counter()  # hash -> states cached under it
-        self._state_numbers = itertools.count()  # Calls.state of each state resolved
+        self._state_numbers: dict = {}  # a resolved state -> its Calls.state
 
     # Each table maps an id to a resolved record; definitions past MAX_TABLE are dropped, and
     # rows that refer to them are skipped, which keeps memory bounded for any input.
@@ -432,8 +434,13 @@ class LogReader:
             None if mode is None else self._ref(self._modes, mode),
             None if site is None else self._ref(self._sites, site),
             self._ref(self._contexts, context), bool(flags & FROZEN), bool(flags & PARAMS_MOVED),
-            next(self._state_numbers),
         )
+        # The same state keeps its number when met again after the cache was cleared (a
+        # redefinition); past MAX_TABLE numbers, None: the analysis then keys it by its value.
+        number = self._state_numbers.get(state)
+        if number is None and len(self._state_numbers) < MAX_TABLE:
+            number = self._state_numbers[state] = len(self._state_numbers)
+        state += (number,)
         key = tuple(row[:STATE_FIELDS])
         same = hash(key)
         if len(self._states) < MAX_TABLE and self._state_hashes[same] < MAX_SAME_HASH:
