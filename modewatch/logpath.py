@@ -137,11 +137,14 @@ def claim(path: str) -> tuple[IO[str], str]:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+    holder = None  # the pid in the header of the first log found taken
     for candidate in _alternatives(path):
         fd = _open(candidate)
         try:
             regular = os.path.isfile(candidate)
             if regular and _is_someone_elses(fd):
+                if holder is None:
+                    holder = _writer_pid(fd)
                 os.close(fd)
                 continue
             if regular:
@@ -151,8 +154,9 @@ def claim(path: str) -> tuple[IO[str], str]:
             os.close(fd)
             raise
         if candidate != path:
-            _say(f"{path} holds the log of another process running beside this one; this process writes "
-                 f"{candidate}")
+            other = ("another watcher of this process (MODEWATCH=1 and watch() with the same log?)"
+                     if holder == os.getpid() else "another process running beside this one")
+            _say(f"{path} holds the log of {other}; this process writes {candidate}")
         return file, candidate
     raise OSError(f"{path} and {MAX_ALTERNATIVES} names beside it are taken by other processes' logs")
 

@@ -563,6 +563,19 @@ if __name__ == "__main__":
 '''
 
 
+def test_two_watchers_of_one_process_given_one_log_say_so(tmp_path, capsys):
+    """MODEWATCH=1 and a watch() in the code, with one log path: the second writes beside the
+    first and says another watcher of this process holds it (not another process)."""
+    path = tmp_path / "run.jsonl"
+    first = modewatch.watch(Net(), log=path)
+    second = modewatch.watch(Net(), log=path)
+    second.close()
+    first.close()
+    err = capsys.readouterr().err
+    assert "run.jsonl holds the log of another watcher of this process" in err
+    assert len(glob.glob(str(tmp_path / "run*.jsonl"))) == 2
+
+
 @pytest.mark.slow
 def test_processes_given_one_log_path_keep_every_record(tmp_path, capsys):
     """torch.multiprocessing.spawn under MODEWATCH=1 with one fixed MODEWATCH_LOG: no process
