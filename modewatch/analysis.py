@@ -330,6 +330,9 @@ def _recognised_text(cause: _Cause) -> str:
     """What made an ema-target finding: a change seen (info), or only a likeness (warning)."""
     how, online = cause.recognised
     other = cause.seen.model_name(online)
+    if how == "now and then":
+        return (f"It is an EMA / momentum target of {other}, but this line runs it only now and then, as a "
+                f"validation of it would: evaluating it needs eval mode (call .eval() before, .train() after).")
     if how == "updated":
         return (f"Recognised as deliberate: its parameters changed between steps with no optimizer stepping them, "
                 f"while {other} trained.")
@@ -483,6 +486,12 @@ class _Seen:
         """A single forward before the first step of a model that trains: materialising lazy
         modules, checking shapes, a library's warm-up call."""
         return cause.last_step == 0 and cause.model in self.trained and max(cause.layers.values(), default=0) <= 1
+
+    def now_and_then(self, cause: _Cause) -> bool:
+        """Forwards at one line on fewer than half of the steps they span: not an EMA target's
+        forward in the training loop (every step), but an occasional one, as a validation of it."""
+        span = cause.last_step - cause.first_step + 1
+        return span >= 3 and 2 * max(cause.layers.values(), default=0) < span
 
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
         """Forwards whose graphs no backward used, at a line where the model trains, never two

@@ -106,7 +106,8 @@ def _evaluation_detail(calls: Any) -> tuple:
 
 
 def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
-    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target. Not an
+    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target (a
+    warning at a line that runs it only now and then, as a validation of it would). Not an
     evaluation at all: a training batch skipped before its backward (at a line where the model
     trains, one forward between two of its steps: a ``continue`` on a NaN loss), or a single dry-run
     forward before a model's first step (lazy modules, shape checks) of a model that trains later.
@@ -116,6 +117,8 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
     in train mode stays an error)."""
     target = seen.ema_target(cause.model)
     if target is not None:
+        if seen.now_and_then(cause):  # not the target's every-step forward: a validation of it?
+            return "ema-target", "warning", ("now and then", target[1])
         return "ema-target", "info" if target[0] == "updated" else "warning", target
     if not final and (seen.undecided(cause.model) or cause.model not in seen.trained):
         return ...

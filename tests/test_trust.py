@@ -166,6 +166,31 @@ def test_a_momentum_key_encoder_inside_the_model_is_not_a_frozen_part(log):
     assert modewatch.analyze(log).findings == []
 
 
+def test_an_ema_target_validated_in_train_mode_is_a_warning_at_the_validation_line(log):
+    """Mean teacher: the teacher runs in train mode at every step on purpose; validating it (now
+    and then, at another line) without eval() is a warning at that line, not folded into the
+    deliberate use's "nothing to fix"."""
+    student, teacher = encoder(), encoder()
+    teacher.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with modewatch.watch(student, log=log) as watcher:
+        watcher.add_model(teacher)
+        for epoch in range(3):
+            for x, _ in batches(4):
+                with torch.no_grad():
+                    target = teacher(x)  # <- deliberate
+                loss = nn.functional.mse_loss(student(x), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ema_update(teacher, student, "no_grad")
+            with torch.no_grad():
+                teacher(x)  # <- teacher validated
+    findings = [f for f in modewatch.analyze(log).findings if f.rule == "ema-target"]
+    by_line = {f.forward_site["line"]: f.severity for f in findings}
+    assert by_line == {line_of("deliberate"): "info", line_of("teacher validated"): "warning"}
+
+
 def test_live_mode_waits_for_the_ema_target_to_be_recognised(log):
     """on_finding="raise" does not raise on a BYOL target before it is recognised (its first
     forward comes before any update), and still raises on the inference bug, at close."""
