@@ -550,7 +550,7 @@ class Job:
         self.causes: dict = {}  # of the logs read to their end
         self.summary = {"logs": 0, "steps": 0, "layer_calls": 0, "skipped_lines": 0,
                         "truncated_logs": [], "unclosed_logs": [], "dropped_causes": 0, "bad_logs": [],
-                        "logs_without_models": []}
+                        "logs_without_models": [], "models": 0}
         self.timelines = distributed.Timelines()
         self.ranks: set = set()
         self.logs: list = []
@@ -611,6 +611,7 @@ class Job:
             summary["unclosed_logs"].append(log.path)
         if reader.models == 0:
             summary["logs_without_models"].append(log.path)
+        summary["models"] = max(summary["models"], len(reader.facts.models))  # in one log, at most
         log.seen.settling()
         for cause in log.causes.values():
             cause.freeze()

@@ -74,11 +74,13 @@ def _headline(finding: Finding, logs: int, models: int = 1) -> str:
 
 
 def _models(analysis: Analysis) -> int:
-    """The most distinct models the findings of any one log belong to."""
+    """The most models one log watched (or, from older summaries, the most distinct models the
+    findings of one log belong to): with several, each finding says whose layers it names (a
+    teacher and a student both have a ``classifier.2``)."""
     per_log: dict = {}
     for f in analysis.findings:
         per_log.setdefault(f.log, set()).add(json.dumps(f.model, sort_keys=True))
-    return max(map(len, per_log.values()), default=0)
+    return max(max(map(len, per_log.values()), default=0), analysis.summary.get("models", 0))
 
 
 def _by_cause(analysis: Analysis) -> dict:

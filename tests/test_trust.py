@@ -436,6 +436,30 @@ def test_findings_of_two_models_are_apart_and_name_their_model(log, capsys):
     assert {f["model"]["name"] for f in document["findings"]} == {"Generator", "Discriminator"}
 
 
+def test_a_finding_names_its_model_where_the_log_holds_several_whatever_the_others_did(log, capsys):
+    """Knowledge distillation: the teacher and the student both have a layer ``drop``; only the
+    teacher's is reported, and the report says whose it is."""
+    class Teacher(Net):
+        pass
+
+    teacher, student = Teacher(), Net()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with modewatch.watch(student, log=log) as watcher:
+        watcher.add_model(teacher)
+        student.train()
+        for x, y in batches(3):
+            with torch.no_grad():
+                soft = teacher(x)  # the bug: the teacher is never put in eval mode
+            loss = nn.functional.cross_entropy(student(x), y) + nn.functional.mse_loss(student(x), soft)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    findings = modewatch.analyze(log).findings
+    assert {f.model["name"] for f in findings} == {"Teacher"}
+    assert main(["analyze", log]) == 1
+    assert "\nTeacher: no .train()/.eval() call" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- MODEWATCH=1 finds every model
 
 def test_every_model_of_a_search_is_watched_however_many_are_freed(log):
