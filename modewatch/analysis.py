@@ -17,7 +17,7 @@ from . import ranks as distributed
 from .errors import LogFormatError
 from .format import GRAPH_UNUSED, PARAM_GRAD
 from .reader import MAX_TABLE, STATE_LENGTH, add_bounded, Calls, Facts, LogReader, ModeSet, Site, expand_paths, job_rank
-from .rules import RULES, check_rules, rules_for, severity_rank
+from .rules import EMA_VALIDATION_FIX, RULES, check_rules, rules_for, severity_rank
 
 SMALL_BATCH = 8
 MAX_CAUSES = 10_000  # distinct findings kept; a hostile log cannot make more
@@ -225,7 +225,9 @@ class _Cause:
             layers=list(self.layers), count=self.count,
             first_step=self.first_step, last_step=self.last_step, rank=self.rank,
             forward_site=_site_dict(self.forward_site), mode_site=_mode_dict(self.mode),
-            fix=IGNORES_MODE_FIX if self.call else RULES[self.rule].fix, batches=batches,
+            fix=(IGNORES_MODE_FIX if self.call else EMA_VALIDATION_FIX
+                 if self.recognised is not None and self.recognised[0] == "now and then" else RULES[self.rule].fix),
+            batches=batches,
             cause=_call_text(self.call) if self.call else _headline(self.mode, self.rule), log=self.log,
             model=self.seen.model_dict(self.model) if self.seen is not None else None,
         )
@@ -413,11 +415,30 @@ class _Seen:
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
         self.training_sites: set = set()  # (model id, site) of training forwards
+        # How often each model trains, and each line runs it otherwise (see as_often): forwards,
+        # in one-item lists that the rows of a state add to without a look-up.
+        self.trained_calls: dict = {}  # (model id, layer) -> [training forwards]
+        self.line_calls: dict = {}  # (model id, site, layer) -> [other forwards]
+        self._training_forwards: Optional[dict] = None  # model id -> its training forwards, while settling
         self.eval_mode: set = set()  # (model id, layer name) that ran in eval mode
         self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
         self._alike: Optional[dict] = None  # see _trained_alike
         self._likenesses: dict = {}  # model id -> its likeness, while settling
         self._lowest_trained: Optional[int] = None  # min(trained), while settling
+
+    def counter(self, calls: Calls) -> list:
+        """The forwards count that the rows of ``calls``'s state add to (once per state)."""
+        layer = calls.layer
+        if calls.forward_kind == PARAM_GRAD:
+            table, key = self.trained_calls, (layer.model, layer.name)
+        else:
+            table, key = self.line_calls, (layer.model, calls.site, layer.name)
+        counted = table.get(key)
+        if counted is None:
+            counted = [0]
+            if len(table) < MAX_TABLE:  # past it, counted nowhere
+                table[key] = counted
+        return counted
 
     def note_state(self, calls: Calls) -> None:
         """Once per distinct state of calls."""
@@ -481,17 +502,26 @@ class _Seen:
         self._alike = None
         self._likenesses = {}
         self._lowest_trained = None
+        self._training_forwards = None
 
     def dry_run(self, cause: _Cause) -> bool:
         """A single forward before the first step of a model that trains: materialising lazy
         modules, checking shapes, a library's warm-up call."""
         return cause.last_step == 0 and cause.model in self.trained and max(cause.layers.values(), default=0) <= 1
 
-    def now_and_then(self, cause: _Cause) -> bool:
-        """Forwards at one line on fewer than half of the steps they span: not an EMA target's
-        forward in the training loop (every step), but an occasional one, as a validation of it."""
-        span = cause.last_step - cause.first_step + 1
-        return span >= 3 and 2 * max(cause.layers.values(), default=0) < span
+    def as_often(self, cause: _Cause, model: Optional[int], site: Any) -> bool:
+        """Whether the line of ``cause`` ran its model more than half as often as ``model`` trains:
+        a use in the training loop (an EMA target's every-step forward, a generator making fakes
+        for its discriminator under no_grad), not an occasional one (a validation, a sample
+        sheet). Counted in forwards of the busiest layer, whatever mode call set the layers, so
+        that any number of optimizers (a critic's five steps) counts the same."""
+        if self._training_forwards is None:  # once per settling
+            self._training_forwards = {}
+            for (owner, _), (forwards,) in self.trained_calls.items():
+                if forwards > self._training_forwards.get(owner, 0):
+                    self._training_forwards[owner] = forwards
+        ran = max((self.line_calls.get((cause.model, site, name), (0,))[0] for name in cause.layers), default=0)
+        return 2 * ran > self._training_forwards.get(model, 0)
 
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
         """Forwards whose graphs no backward used, at a line where the model trains, never two
@@ -565,7 +595,7 @@ class Job:
                                     facts if facts is not None else Facts(), self._room)
         index, small_batch, ignored, causes, seen = log.index, self.small_batch, self.ignored, log.causes, log.seen
         timelines, tap, totals, moved = log.timelines, log.tap, log.totals, log.seen.moved
-        fed_by_state: dict = {}  # Calls.state -> the causes it feeds, worked out once per state
+        fed_by_state: dict = {}  # Calls.state -> (the causes it feeds, its counter): once per state
 
         def add(calls: Calls) -> None:  # a closure: this runs once per row of every log
             totals[0] += calls.calls
@@ -574,14 +604,17 @@ class Job:
             state = calls.state
             if state is None:  # a log of more states than the reader numbers: keyed by value
                 state = calls[:STATE_LENGTH]
-            fed = fed_by_state.get(state)
-            if fed is None:
+            known = fed_by_state.get(state)
+            if known is None:
                 seen.note_state(calls)
-                fed = _causes_for(calls, small_batch, ignored, rank, path, index, causes, log, seen)
+                known = (_causes_for(calls, small_batch, ignored, rank, path, index, causes, log, seen),
+                         seen.counter(calls))
                 if len(fed_by_state) < MAX_CAUSES:
-                    fed_by_state[state] = fed
+                    fed_by_state[state] = known
+            fed, counted = known
             for cause in fed:
                 cause.add(calls, index)
+            counted[0] += calls.forwards
             if calls.moved:
                 key = (calls.layer.model, calls.layer.name)
                 if key in moved or len(moved) < MAX_TABLE:

@@ -107,26 +107,30 @@ def _evaluation_detail(calls: Any) -> tuple:
 
 def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
     """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target (a
-    warning at a line that runs it only now and then, as a validation of it would). Not an
+    warning at a line that runs it less than half as often as its online model trains, as a
+    validation of it would). Not an
     evaluation at all: a training batch skipped before its backward (at a line where the model
     trains, one forward between two of its steps: a ``continue`` on a NaN loss), or a single dry-run
     forward before a model's first step (lazy modules, shape checks) of a model that trains later.
-    BatchNorm statistics updated outside training in a generator (a model that trains in this run,
-    on whose outputs another model is called) whose layers never run in eval mode in the run are
-    stat-update-in-sampling: nothing in the run used them. Else as checked (a classifier validated
-    in train mode stays an error)."""
+    In a generator (a model that trains in this run, on whose outputs another model is called), a
+    line that runs it about as often as it trains makes fakes for the discriminator (under no_grad,
+    or detached): training, no finding; an occasional one (sampling) that updates BatchNorm
+    statistics in layers never run in eval mode in the run is stat-update-in-sampling: nothing in
+    the run used them. Else as checked (a classifier validated in train mode stays an error)."""
+    norm_layer, site, unused = cause.detail
     target = seen.ema_target(cause.model)
     if target is not None:
-        if seen.now_and_then(cause):  # not the target's every-step forward: a validation of it?
+        if not seen.as_often(cause, target[1], site):  # not the target's every-step forward: a validation?
             return "ema-target", "warning", ("now and then", target[1])
         return "ema-target", "info" if target[0] == "updated" else "warning", target
     if not final and (seen.undecided(cause.model) or cause.model not in seen.trained):
         return ...
-    norm_layer, site, unused = cause.detail
     if seen.dry_run(cause) or (unused and seen.skipped_batches(cause, site)):
         return None
-    if (norm_layer is not None and cause.model in seen.trained and cause.model in seen.facts.feeding
-            and (cause.model, norm_layer) not in seen.eval_mode):
+    generator = cause.model in seen.trained and cause.model in seen.facts.feeding
+    if generator and seen.as_often(cause, cause.model, site):  # fakes for the discriminator, under no_grad
+        return None if final else ...
+    if norm_layer is not None and generator and (cause.model, norm_layer) not in seen.eval_mode:
         return ("stat-update-in-sampling", "warning", None) if final else ...
     return cause.rule, cause.severity, None
 
@@ -134,6 +138,9 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
 # ----------------------------------------------------------------------------- the rules
 
 TRAIN_AGAIN = "call model.train() before the training batches (after any evaluation that called model.eval())."
+# The fix of an ema-target finding at a line that runs the target only now and then.
+EMA_VALIDATION_FIX = ("to evaluate the EMA / momentum target, call .eval() on it before and .train() after; its "
+                      "every-step use in train mode needs no change.")
 
 _RULES = (
     Rule(

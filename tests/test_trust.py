@@ -338,6 +338,61 @@ def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_g
     assert finding.forward_site["line"] == line_of("sampling")
 
 
+@pytest.mark.parametrize("critic_steps", [1, 5])
+def test_fakes_made_under_no_grad_for_the_discriminator_are_training(log, critic_steps):
+    """BigGAN- and WGAN-style: the discriminator's step makes its fakes under no_grad, once per
+    critic step; progress pictures are taken in eval mode. Correct: no finding (the fakes' line
+    was a warning, and an error once the layers had run in eval mode)."""
+    generator = encoder()
+    critic = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
+    with watch_everything(log):
+        opt_g, opt_c = torch.optim.Adam(generator.parameters()), torch.optim.Adam(critic.parameters())
+        for step, (x, _) in enumerate(batches(8)):
+            for _ in range(critic_steps):
+                with torch.no_grad():
+                    fake = generator(torch.randn(16, 8))  # fakes for the critic
+                loss_c = critic(fake).mean() - critic(x).mean()
+                opt_c.zero_grad()
+                loss_c.backward()
+                opt_c.step()
+            loss_g = -critic(generator(torch.randn(16, 8))).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            if step % 4 == 3:
+                generator.eval()
+                with torch.no_grad():
+                    generator(torch.randn(16, 8))  # a progress picture, in eval mode
+                generator.train()
+    assert modewatch.analyze(log).findings == []
+
+
+def test_an_ema_target_of_a_generator_trained_among_critic_steps_is_recognised(log):
+    """An EMA generator run once per iteration while the critic steps five times per iteration
+    and the generator once: its every-iteration use is ema-target info, not "now and then"."""
+    generator, ema = encoder(), encoder()
+    critic = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
+    opt_g, opt_c = torch.optim.Adam(generator.parameters()), torch.optim.Adam(critic.parameters())
+    with modewatch.watch(generator, log=log) as watcher:
+        watcher.add_model(critic)
+        watcher.add_model(ema)
+        for x, _ in batches(6):
+            for _ in range(5):
+                loss_c = critic(generator(torch.randn(16, 8)).detach()).mean() - critic(x).mean()
+                opt_c.zero_grad()
+                loss_c.backward()
+                opt_c.step()
+            loss_g = -critic(generator(torch.randn(16, 8))).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            ema_update(ema, generator, "no_grad")
+            with torch.no_grad():
+                ema(torch.randn(16, 8))  # <- every iteration
+    findings = [f for f in modewatch.analyze(log).findings if f.model["name"] == "Sequential" and f.rule == "ema-target"]
+    assert [(f.severity, f.forward_site["line"]) for f in findings] == [("info", line_of("every iteration"))]
+
+
 def test_sampling_drift_is_an_error_when_the_statistics_are_used_later(log):
     """The same sampling, when the generator is evaluated in eval mode later: the drifted
     statistics are used, so the sampling's update is an error again."""
