@@ -338,6 +338,13 @@ def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_g
     assert finding.forward_site["line"] == line_of("sampling")
 
 
+def optimize(optimizer, loss):
+    """One optimizer step on ``loss``."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 @pytest.mark.parametrize("critic_steps", [1, 5])
 def test_fakes_made_under_no_grad_for_the_discriminator_are_training(log, critic_steps):
     """BigGAN- and WGAN-style: the discriminator's step makes its fakes under no_grad, once per
@@ -351,14 +358,8 @@ def test_fakes_made_under_no_grad_for_the_discriminator_are_training(log, critic
             for _ in range(critic_steps):
                 with torch.no_grad():
                     fake = generator(torch.randn(16, 8))  # fakes for the critic
-                loss_c = critic(fake).mean() - critic(x).mean()
-                opt_c.zero_grad()
-                loss_c.backward()
-                opt_c.step()
-            loss_g = -critic(generator(torch.randn(16, 8))).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
+                optimize(opt_c, critic(fake).mean() - critic(x).mean())
+            optimize(opt_g, -critic(generator(torch.randn(16, 8))).mean())
             if step % 4 == 3:
                 generator.eval()
                 with torch.no_grad():
@@ -378,14 +379,8 @@ def test_an_ema_target_of_a_generator_trained_among_critic_steps_is_recognised(l
         watcher.add_model(ema)
         for x, _ in batches(6):
             for _ in range(5):
-                loss_c = critic(generator(torch.randn(16, 8)).detach()).mean() - critic(x).mean()
-                opt_c.zero_grad()
-                loss_c.backward()
-                opt_c.step()
-            loss_g = -critic(generator(torch.randn(16, 8))).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
+                optimize(opt_c, critic(generator(torch.randn(16, 8)).detach()).mean() - critic(x).mean())
+            optimize(opt_g, -critic(generator(torch.randn(16, 8))).mean())
             ema_update(ema, generator, "no_grad")
             with torch.no_grad():
                 ema(torch.randn(16, 8))  # <- every iteration
