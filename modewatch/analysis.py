@@ -108,7 +108,7 @@ class _Cause:
 
     __slots__ = ("rule", "severity", "mode", "rank", "log", "count", "first_step", "last_step",
                  "first_forward", "forward_site", "layers", "kinds", "smallest_batch", "call", "model", "detail",
-                 "seen", "rules", "recognised", "room", "crowded", "steps_seen", "verdict")
+                 "seen", "rules", "recognised", "room", "most_at_one_step", "steps_seen", "verdict")
 
     def __init__(self, rule: str, severity: str, mode: Optional[ModeSet], rank: Optional[int], log: str,
                  call: Optional[tuple] = None, model: Optional[int] = None, detail: Any = None,
@@ -128,9 +128,9 @@ class _Cause:
         self.layers: dict = {}  # name -> forwards, in order of first appearance
         self.kinds: dict = {}  # name -> class name, for the names shown in the message
         self.smallest_batch: Optional[int] = None
-        self.crowded = False  # more than one of its forwards came between two steps
+        self.most_at_one_step = 0  # the most of its forwards of unused graphs between two steps
         self.verdict: Any = _UNSETTLED  # settled once its log is read to its end (see freeze)
-        self.steps_seen: dict = {}  # layer name -> the step of its latest single forward
+        self.steps_seen: dict = {}  # layer name -> (the step of its latest forwards, how many at it)
 
     def add(self, calls: Calls, log_index: int) -> None:
         self.count += calls.calls
@@ -152,21 +152,22 @@ class _Cause:
             self._layer(name, calls.layer.kind, calls.forwards)
         if calls.batch is not None and (self.smallest_batch is None or calls.batch < self.smallest_batch):
             self.smallest_batch = calls.batch
-        if calls.forward_kind == GRAPH_UNUSED and not self.crowded:  # only where it may tell a skipped batch
+        if calls.forward_kind == GRAPH_UNUSED:  # only where it may tell a skipped batch
             self._crowding(calls)
 
     def _crowding(self, calls: Calls) -> None:
-        # A row of several forwards is taken as crowded even where its steps differ (the collector
-        # never folds forwards of unused graphs across steps); rows of one forward (a live
-        # analysis, runs ended by a flush) are crowded when one layer's meet at one step.
-        if calls.forwards > 1:
-            self.crowded = True
-            return
-        name, step = calls.layer.name, calls.first_step
-        if self.steps_seen.get(name) == step:
-            self.crowded = True
-        elif name in self.layers:  # the layers it keeps, which the job's room bounds
-            self.steps_seen[name] = step
+        # The collector never folds forwards of unused graphs across steps, so a row's forwards
+        # came at one step (an older log's row across steps is taken as if they had); rows of one
+        # step (a live analysis, runs ended by a flush) add up, layer by layer.
+        name, step, count = calls.layer.name, calls.first_step, calls.forwards
+        if calls.last_step == step:
+            before = self.steps_seen.get(name)
+            if before is not None and before[0] == step:
+                count += before[1]
+            if name in self.layers:  # the layers it keeps, which the job's room bounds
+                self.steps_seen[name] = (step, count)
+        if count > self.most_at_one_step:
+            self.most_at_one_step = count
 
     def _layer(self, name: str, kind: str, forwards: int) -> None:
         if name in self.layers:
@@ -194,8 +195,11 @@ class _Cause:
                                                  or other.smallest_batch < self.smallest_batch):
             self.smallest_batch = other.smallest_batch
         self.rules |= other.rules
-        self.crowded = self.crowded or other.crowded or any(
-            self.steps_seen.get(name) == step for name, step in other.steps_seen.items())
+        self.most_at_one_step = max(self.most_at_one_step, other.most_at_one_step)
+        for name, (step, count) in other.steps_seen.items():
+            mine = self.steps_seen.get(name)
+            if mine is not None and mine[0] == step:
+                self.most_at_one_step = max(self.most_at_one_step, mine[1] + count)
 
     def copy(self) -> "_Cause":
         twin = _Cause.__new__(_Cause)  # not copy.copy: the copy module is not worth its import here
@@ -417,9 +421,11 @@ class _Seen:
         self.training_sites: set = set()  # (model id, site) of training forwards
         # How often each model trains, and each line runs it otherwise (see as_often): forwards,
         # in one-item lists that the rows of a state add to without a look-up.
-        self.trained_calls: dict = {}  # (model id, layer) -> [training forwards]
+        self.trained_calls: dict = {}  # (model id, site, layer) -> [training forwards]
+        self.totals = [0, 0]  # its log's layer calls and latest step (the open log's list)
         self.line_calls: dict = {}  # (model id, site, layer) -> [other forwards]
         self._training_forwards: Optional[dict] = None  # model id -> its training forwards, while settling
+        self._per_line: Optional[dict] = None  # (model id, site) -> training forwards there, while settling
         self.eval_mode: set = set()  # (model id, layer name) that ran in eval mode
         self.moved: collections.Counter = collections.Counter()  # (model id, layer name) -> forwards
         self._alike: Optional[dict] = None  # see _trained_alike
@@ -429,10 +435,8 @@ class _Seen:
     def counter(self, calls: Calls) -> list:
         """The forwards count that the rows of ``calls``'s state add to (once per state)."""
         layer = calls.layer
-        if calls.forward_kind == PARAM_GRAD:
-            table, key = self.trained_calls, (layer.model, layer.name)
-        else:
-            table, key = self.line_calls, (layer.model, calls.site, layer.name)
+        table = self.trained_calls if calls.forward_kind == PARAM_GRAD else self.line_calls
+        key = (layer.model, calls.site, layer.name)
         counted = table.get(key)
         if counted is None:
             counted = [0]
@@ -503,6 +507,7 @@ class _Seen:
         self._likenesses = {}
         self._lowest_trained = None
         self._training_forwards = None
+        self._per_line = None
 
     def dry_run(self, cause: _Cause) -> bool:
         """A single forward before the first step of a model that trains: materialising lazy
@@ -515,18 +520,30 @@ class _Seen:
         for its discriminator under no_grad), not an occasional one (a validation, a sample
         sheet). Counted in forwards of the busiest layer, whatever mode call set the layers, so
         that any number of optimizers (a critic's five steps) counts the same."""
-        if self._training_forwards is None:  # once per settling
+        if self._training_forwards is None:  # once per settling: per model, its busiest layer's
+            per_layer: collections.Counter = collections.Counter()  # training forwards, any line
+            for (owner, _, name), (forwards,) in self.trained_calls.items():
+                per_layer[owner, name] += forwards
             self._training_forwards = {}
-            for (owner, _), (forwards,) in self.trained_calls.items():
+            for (owner, _), forwards in per_layer.items():
                 if forwards > self._training_forwards.get(owner, 0):
                     self._training_forwards[owner] = forwards
         ran = max((self.line_calls.get((cause.model, site, name), (0,))[0] for name in cause.layers), default=0)
         return 2 * ran > self._training_forwards.get(model, 0)
 
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
-        """Forwards whose graphs no backward used, at a line where the model trains, never two
-        between two steps: training batches skipped before their backward (a NaN loss)."""
-        return not cause.crowded and (cause.model, site) in self.training_sites
+        """Forwards whose graphs no backward used, at a line where the model trains, never more
+        between two steps than that line trains the model in a step (one, or the micro-batches of
+        gradient accumulation): training batches skipped before their backward (a NaN loss)."""
+        if (cause.model, site) not in self.training_sites:
+            return False
+        if self._per_line is None:  # once per settling: each training line's busiest layer
+            self._per_line = {}
+            for (model, where, _), (forwards,) in self.trained_calls.items():
+                if forwards > self._per_line.get((model, where), 0):
+                    self._per_line[model, where] = forwards
+        per_step = round(self._per_line.get((cause.model, site), 0) / (self.totals[1] + 1))  # on average
+        return cause.most_at_one_step <= max(1, per_step)
 
     def undecided(self, model: Optional[int]) -> bool:
         """Whether more of the log may still make ``model`` an EMA target."""
@@ -561,6 +578,7 @@ class _OpenLog:
         self.totals = [0, 0]  # layer calls, the latest step
         self.dropped_causes = 0
         self.seen = _Seen(facts)
+        self.seen.totals = self.totals
         self.tap = None if tap is None else tap.start_log(path, header)
 
 

@@ -797,6 +797,28 @@ def test_a_batch_skipped_before_its_backward_is_no_evaluation(log, corrupt):
     assert analysis.findings == [] and analysis.summary["steps"] == 8 - len(corrupt)
 
 
+@pytest.mark.parametrize("corrupt", [{5, 6}, {1, 2, 9}])
+def test_micro_batches_skipped_under_gradient_accumulation_are_no_evaluation(log, corrupt):
+    """Four micro-batches per step, those with a non-finite loss skipped before their backward:
+    as many in one window as the line trains in a step on average (here 2 or 3) are skipped
+    training batches, no evaluation."""
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modewatch.watch(model, log=log):
+        model.train()
+        for i, (x, y) in enumerate(batches(16)):
+            if i in corrupt:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            loss = nn.functional.cross_entropy(model(x), y) / 4
+            if torch.isfinite(loss):
+                loss.backward()
+            if i % 4 == 3:
+                optimizer.step()
+                optimizer.zero_grad()
+    assert modewatch.analyze(log).findings == []
+
+
 def forward_loss(model, x, y):
     """One helper for training and validation batches, as many training scripts have."""
     return nn.functional.cross_entropy(model(x), y)  # <- shared forward
