@@ -533,8 +533,9 @@ class _Seen:
 
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
         """Forwards whose graphs no backward used, at a line where the model trains, never more
-        between two steps than that line trains the model in a step (one, or the micro-batches of
-        gradient accumulation): training batches skipped before their backward (a NaN loss)."""
+        between two steps than that line trains the model in a step on average (one, or the
+        micro-batches of gradient accumulation): training batches skipped before their backward
+        (a NaN loss)."""
         if (cause.model, site) not in self.training_sites:
             return False
         if self._per_line is None:  # once per settling: each training line's busiest layer

@@ -106,17 +106,21 @@ def _evaluation_detail(calls: Any) -> tuple:
 
 
 def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
-    """stat-update-in-eval and dropout-in-eval: an EMA / momentum target is ema-target (a
-    warning at a line that runs it less than half as often as its online model trains, as a
-    validation of it would). Not an
-    evaluation at all: a training batch skipped before its backward (at a line where the model
-    trains, one forward between two of its steps: a ``continue`` on a NaN loss), or a single dry-run
-    forward before a model's first step (lazy modules, shape checks) of a model that trains later.
-    In a generator (a model that trains in this run, on whose outputs another model is called), a
-    line that runs it about as often as it trains makes fakes for the discriminator (under no_grad,
-    or detached): training, no finding; an occasional one (sampling) that updates BatchNorm
-    statistics in layers never run in eval mode in the run is stat-update-in-sampling: nothing in
-    the run used them. Else as checked (a classifier validated in train mode stays an error)."""
+    """stat-update-in-eval and dropout-in-eval, once the whole log is read:
+
+    - an EMA / momentum target is ema-target; at a line that runs it no more than half as often
+      as its online model trains (a validation of it), a warning there;
+    - not an evaluation at all: a training batch skipped before its backward (at a line where
+      the model trains, no more between two steps than that line trains in a step: a
+      ``continue`` on a NaN loss), or a single dry-run forward before the first step of a model
+      that trains later (lazy modules, shape checks);
+    - in a generator (a model that trains in this run, on whose outputs another model is
+      called): a line that runs it more than half as often as it trains makes fakes for the
+      discriminator (under no_grad, or detached): training, no finding; an occasional one
+      (sampling) that updates BatchNorm statistics in layers never run in eval mode in the run is
+      stat-update-in-sampling (nothing in the run used them);
+    - else as checked (a classifier validated in train mode stays an error).
+    """
     norm_layer, site, unused = cause.detail
     target = seen.ema_target(cause.model)
     if target is not None:
