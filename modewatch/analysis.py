@@ -418,7 +418,6 @@ class _Seen:
     def __init__(self, facts: Facts):
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
-        self.training_sites: set = set()  # (model id, site) of training forwards
         # How often each model trains, and each line runs it otherwise (see as_often): forwards,
         # in one-item lists that the rows of a state add to without a look-up.
         self.trained_calls: dict = {}  # (model id, site, layer) -> [training forwards]
@@ -448,7 +447,6 @@ class _Seen:
         """Once per distinct state of calls."""
         if calls.forward_kind == PARAM_GRAD:
             add_bounded(self.trained, calls.layer.model)
-            add_bounded(self.training_sites, (calls.layer.model, calls.site))
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
 
@@ -536,15 +534,15 @@ class _Seen:
         between two steps than that line trains the model in a step on average (one, or the
         micro-batches of gradient accumulation): training batches skipped before their backward
         (a NaN loss)."""
-        if (cause.model, site) not in self.training_sites:
-            return False
         if self._per_line is None:  # once per settling: each training line's busiest layer
             self._per_line = {}
             for (model, where, _), (forwards,) in self.trained_calls.items():
                 if forwards > self._per_line.get((model, where), 0):
                     self._per_line[model, where] = forwards
-        per_step = round(self._per_line.get((cause.model, site), 0) / (self.totals[1] + 1))  # on average
-        return cause.most_at_one_step <= max(1, per_step)
+        trained = self._per_line.get((cause.model, site))
+        if trained is None:  # not a line where the model trains
+            return False
+        return cause.most_at_one_step <= max(1, round(trained / (self.totals[1] + 1)))  # per step, on average
 
     def undecided(self, model: Optional[int]) -> bool:
         """Whether more of the log may still make ``model`` an EMA target."""

@@ -158,9 +158,8 @@ class Watcher:
         record = self.registry.models[model]
         if not record.stepped:
             self._check_parameters(record)
-        allowed = allowed_rules()
-        context = self.catalog.context(allowed, recalibrating) if allowed or recalibrating else 0
-        return Forward(self._seq, self.catalog.site(user), context, self.step, model, record.steps, pending.done)
+        return Forward(self._seq, self.catalog.site(user), self.catalog.context(allowed_rules(), recalibrating),
+                       self.step, model, record.steps, pending.done)
 
     def _fed_by(self, node: Any, model: int) -> None:
         """A model called on the output of another's forward (a GAN's discriminator on the

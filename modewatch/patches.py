@@ -44,7 +44,6 @@ _getstate_owners: weakref.WeakSet = weakref.WeakSet()  # hooked modules' classes
 # own, which then look at every thread's backward.
 backward_kinds: dict = {}  # thread ident -> [kind, ...]
 _graph_task_id = compat.current_graph_task_id
-_get_ident = threading.get_ident
 
 
 def backward_running() -> bool:
@@ -89,10 +88,8 @@ def _kind_of(inputs: Any) -> int:
 
 
 def _with_kind(kind: int, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
-    ident = _get_ident()
-    stack = backward_kinds.get(ident)
-    if stack is None:
-        stack = backward_kinds[ident] = []
+    ident = threading.get_ident()
+    stack = backward_kinds.setdefault(ident, [])
     stack.append(kind)
     try:
         return wrapped(*args, **kwargs)
@@ -103,10 +100,9 @@ def _with_kind(kind: int, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _backward(wrapped, instance, args, kwargs):
-    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs);
-    # loss.backward() passes no inputs (parameters: the common case, without _kind_of's call).
+    # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
     inputs = kwargs.get("inputs", args[5] if len(args) > 5 else None)
-    return _with_kind(PARAM_GRAD if inputs is None else _kind_of(inputs), wrapped, args, kwargs)
+    return _with_kind(_kind_of(inputs), wrapped, args, kwargs)
 
 
 def _grad(wrapped, instance, args, kwargs):

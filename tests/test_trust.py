@@ -47,6 +47,13 @@ def ema_update(target, online, style):
                 t.data.mul_(0.9).add_(o.data, alpha=0.1)
 
 
+def optimize(optimizer, loss):
+    """One optimizer step on ``loss``."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def byol_loop(style, steps=6, online=None):
     """BYOL / DINO / mean teacher: the target is a deep copy of the online network (``online``, or
     a new one), run in train mode under no_grad every step, and moved towards it after each
@@ -60,10 +67,7 @@ def byol_loop(style, steps=6, online=None):
     for x, _ in batches(steps):
         with torch.no_grad():
             wanted = target(x)
-        loss = (online(x) - wanted).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        optimize(optimizer, (online(x) - wanted).pow(2).mean())
         ema_update(target, online, style)
 
 
@@ -125,10 +129,7 @@ def distill(teacher, student, optimizer, steps):
     for x, _ in batches(steps):
         with torch.no_grad():
             soft = teacher(x)
-        loss = (student(x) - soft).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        optimize(optimizer, (student(x) - soft).pow(2).mean())
 
 
 class MoCo(nn.Module):
@@ -336,13 +337,6 @@ def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_g
     assert (finding.rule, finding.severity) == ("stat-update-in-sampling", "warning")
     assert "never ran in eval mode in this run" in finding.message
     assert finding.forward_site["line"] == line_of("sampling")
-
-
-def optimize(optimizer, loss):
-    """One optimizer step on ``loss``."""
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
 
 
 @pytest.mark.parametrize("critic_steps", [1, 5])
