@@ -7,6 +7,7 @@ is the file to change; tests/test_compat.py checks each against the installed to
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -36,6 +37,38 @@ own_children: Callable[[torch.nn.Module], dict] = operator.attrgetter("_modules"
 FORWARD_HOOKS, FORWARD_PRE_HOOKS = "_forward_hooks", "_forward_pre_hooks"
 # Tables keyed by a hook's handle id, kept beside the hook dicts.
 HOOK_ID_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _module_call_codes() -> tuple:
+    """The code objects of torch's own frames between a forward pre-hook and the line that called
+    the module (``inner``, ``_call_impl`` in torch 2.13), found by calling a module once. The
+    model's pre-hook steps over them by identity, before looking for the user's frame."""
+    codes: list = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not caller:
+            codes.append(frame.f_code)
+            frame = frame.f_back
+        if frame is None:  # not found: step over nothing
+            codes.clear()
+
+    def call(module: torch.nn.Module) -> None:
+        module(None)
+
+    caller = call.__code__
+    try:
+        module = torch.nn.Identity()
+        module.register_forward_pre_hook(hook)
+        call(module)
+    except Exception:
+        codes.clear()
+    # Stepped over one by one while each matches: a caller that calls _call_impl directly (no
+    # _wrapped_call_impl) is found all the same.
+    return tuple(code for code in codes if code.co_filename.endswith("module.py"))
+
+
+MODULE_CALL_CODES: tuple = _module_call_codes()
 
 
 def version(tensor: torch.Tensor) -> int:

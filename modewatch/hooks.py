@@ -22,6 +22,7 @@ from .layers import is_torch_layer, probability_attribute
 _is_grad_enabled = compat.is_grad_enabled
 _version = compat.version
 _own_buffers, _own_parameters = compat.own_buffers, compat.own_parameters
+_module_call_codes = compat.MODULE_CALL_CODES
 
 
 class Recorder(Protocol):
@@ -76,6 +77,9 @@ class Inert:
     def after(self, *args: Any) -> None:
         return None
 
+    def record(self, *args: Any) -> None:
+        return None
+
 
 class ModelHooks(Hooks):
     """Pre- and post-hook of a watched model (and of the models it wraps): one forward each."""
@@ -95,7 +99,12 @@ class ModelHooks(Hooks):
             if state.depth == 0:
                 model = self.model if id(module) == self.module_id or compat.is_replica(module) else \
                     watcher.copy_model(module, self.model)  # a deep copy: a model of its own
-                state.forward = watcher.begin_forward(sys._getframe(1), model, args)
+                frame = sys._getframe(1)
+                for code in _module_call_codes:  # torch's own frames, stepped over by identity
+                    if frame.f_code is not code:
+                        break
+                    frame = frame.f_back
+                state.forward = watcher.begin_forward(frame, model, args)
             state.depth += 1
         except Exception as exc:
             watcher.fail(exc)
@@ -121,10 +130,12 @@ class ModelHooks(Hooks):
 class LayerHooks(Hooks):
     """Forward hook of one Dropout layer: appends one small tuple per call, nothing else.
 
-    The common case (the layer itself, inside a watched forward) is kept to a few attribute
-    reads, in the hook itself (a further Python call per layer call would cost more than the
-    reads). Everything unusual goes through ``Recorder.unusual_call``, which calls the hook
-    again with the layer and the forward the call belongs to.
+    ``hook`` is the method registered: ``record`` for torch's own layers in their usual state (the
+    common case, kept to the fewest operations: the layer itself, inside a watched forward), else
+    ``after``, which handles every case. Both record in the hook itself (a further Python call per
+    layer call would cost more than the reads). Everything unusual goes through
+    ``Recorder.unusual_call``, which calls ``after`` with the layer and the forward the call
+    belongs to.
     """
 
     def __init__(self, watcher: Recorder, layer: int, module: nn.Module):
@@ -134,6 +145,12 @@ class LayerHooks(Hooks):
         self.state = watcher.state
         self.modes = watcher.layer_modes  # the watcher's list, updated in place
         self.other = "p" not in module.__dict__  # torch's Dropout keeps its probability there
+        self.usual = not self.other  # record() applies
+
+    @property
+    def hook(self) -> Any:
+        """The method to register as the layer's forward hook."""
+        return self.record if self.usual else self.after
 
     def probability(self, module: nn.Module) -> Optional[float]:
         return number(getattr(module, "p", None))
@@ -156,6 +173,21 @@ class LayerHooks(Hooks):
         except Exception as exc:
             self.watcher.fail(exc)
 
+    def record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """``after`` for a torch Dropout (its probability in ``p``), in the common case."""
+        try:
+            forward = self.state.forward
+            if forward is None or id(module) != self.module_id:
+                return self.watcher.unusual_call(self, module, args, output)
+            attributes = module.__dict__
+            training = attributes["training"]
+            layer = self.layer
+            mode_id, mode = self.modes[layer]
+            forward.calls.append((layer, MODE_FLAGS[training][_is_grad_enabled()], None, attributes["p"],
+                                  mode_id if mode == training else None))
+        except Exception as exc:
+            self.watcher.fail(exc)
+
 
 class OtherDropoutHooks(LayerHooks):
     """A dropout-like layer other than torch's Dropout (nn.MultiheadAttention, DropPath): its
@@ -165,6 +197,7 @@ class OtherDropoutHooks(LayerHooks):
         super().__init__(watcher, layer, module)
         self.attribute = probability_attribute(module)
         self.other = True
+        self.usual = False
 
     def probability(self, module: nn.Module) -> Optional[float]:
         return number(getattr(module, self.attribute, None)) if self.attribute else None
@@ -193,6 +226,8 @@ class NormHooks(LayerHooks):
         self.exact = not is_torch_layer(module)
         self.versions = watcher.versions  # the watcher's lists, updated in place
         self.marks = watcher.marks
+        self.usual = (self.counter == "num_batches_tracked" and not self.exact
+                      and module.__dict__.get("affine") is True and module.__dict__.get("track_running_stats") is True)
 
     def after(self, module: nn.Module, args: tuple, output: Any, layer: int = -1, forward: Any = None) -> None:
         try:
@@ -234,6 +269,37 @@ class NormHooks(LayerHooks):
                 batch = None
             mode_id, mode = self.modes[layer]
             forward.calls.append((layer, flags, batch, momentum, mode_id if mode == training else None))
+        except Exception as exc:
+            self.watcher.fail(exc)
+
+    def record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """``after`` for torch's own BatchNorm with parameters and running statistics, in the
+        common case. What may not hold (an input without a batch dimension, a statistics counter
+        made under inference mode, parameters taken away) is read before anything is changed,
+        and then ``after`` records the call."""
+        try:
+            forward = self.state.forward
+            if forward is None or id(module) != self.module_id:
+                return self.watcher.unusual_call(self, module, args, output)
+            attributes = module.__dict__
+            try:
+                version = attributes["_buffers"]["num_batches_tracked"]._version
+                trained = attributes["_parameters"]["weight"].requires_grad
+                batch = args[0].shape[0]
+            except (KeyError, AttributeError, IndexError, TypeError, RuntimeError):
+                return self.after(module, args, output, self.layer, forward)
+            training = attributes["training"]
+            layer = self.layer
+            flags = MODE_FLAGS[training][_is_grad_enabled()]
+            versions = self.versions
+            if version != versions[layer]:
+                if training:
+                    flags |= STATS_CHANGED
+                versions[layer] = version
+            if not trained:
+                flags |= self.frozen(layer, attributes["_parameters"])
+            mode_id, mode = self.modes[layer]
+            forward.calls.append((layer, flags, batch, attributes["momentum"], mode_id if mode == training else None))
         except Exception as exc:
             self.watcher.fail(exc)
 

@@ -206,7 +206,7 @@ class Registry:
             layer_hooks = hooks.hooks_class(module, category)(self.watcher, layer, module)
             if getattr(layer_hooks, "exact", False):
                 self.handles.append(module.register_forward_pre_hook(layer_hooks.before))
-            self.handles.append(module.register_forward_hook(layer_hooks.after))
+            self.handles.append(module.register_forward_hook(layer_hooks.hook))
         return layer
 
     def add_functional(self, module: nn.Module, known: Known, kind: str, site: Optional[int]) -> int:

@@ -7,6 +7,13 @@ and the hook-bound model of bench_overhead.py, in steady state (3 untimed steps 
 on): the probe (a ``grad_fn`` pre-hook registered on each forward's output, what makes the
 training/evaluation verdict exact), a pass-through wrapt wrapper on ``torch.autograd.backward``,
 a pre- and a post-hook on the model, an optimizer step post-hook, and one post-hook per layer.
+Beside them: the probe registered and removed at once (what registering costs, nothing fired), a
+"death sentinel" (an object put in each forward's output ``grad_fn.metadata``, whose ``__del__``
+tells that the graph was freed: the cheapest way to learn of the graph's death), and "least
+recorder": all of these mechanisms with the least Python an exact
+recorder can run in them (each layer call appends its index, mode and grad state to the forward's
+list in thread-local state; the model's pre-hook notes the calling frame; each forward gets a
+probe; steps are counted), the floor under any design with these hooks.
 Then where watch()'s overhead falls in a step of the hook-bound model: forward, backward,
 optimizer step (with the graph freed before it). Interleaved, shuffled per round, thread CPU
 time, medians of per-round paired differences (see bench_overhead.py).
@@ -18,7 +25,9 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -54,7 +63,51 @@ def _pass_through(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-VARIANTS = ("bare", "probe", "backward wrapper", "model hooks", "step hook", "all four", "layer post-hooks", "watch")
+class _Sentinel:
+    """Freed with the autograd node whose metadata holds it."""
+
+    def __del__(self):
+        return None
+
+
+class _Forward:
+    """The least an exact recorder keeps of a forward: its calling line, its calls, its verdict."""
+
+    __slots__ = ("site", "calls", "trained")
+
+    def __init__(self, site):
+        self.site, self.calls, self.trained = site, [], False
+
+    def probe(self, grad_outputs):
+        self.trained = True
+
+
+class _Least(threading.local):
+    """The hook bodies of the least recorder (see the module docstring)."""
+
+    forward = None
+
+    def __init__(self, layers):
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.steps = 0
+
+    def before(self, module, args):
+        frame = sys._getframe(1)
+        self.forward = _Forward((frame.f_code, frame.f_lasti))
+
+    def after(self, module, args, output):
+        forward, self.forward = self.forward, None
+        output.grad_fn.register_prehook(forward.probe)
+
+    def layer(self, module, args, output):
+        self.forward.calls.append((self.index[id(module)], module.__dict__["training"], torch._C.is_grad_enabled()))
+
+    def step(self, optimizer, args, kwargs):
+        self.steps += 1
+
+
+VARIANTS = ("bare", "probe", "probe removed at once", "death sentinel", "backward wrapper", "model hooks", "step hook", "all four",
+            "layer post-hooks", "empty pre+post hooks", "least recorder", "watch")
 
 
 class Bench:
@@ -81,6 +134,18 @@ class Bench:
             handles.append(register_optimizer_step_post_hook(empty.step))
         if variant == "layer post-hooks":
             handles += [layer.register_forward_hook(empty.after) for layer in self.layers]
+        if variant == "empty pre+post hooks":  # what the budget is measured against
+            handles += [hook for layer in self.layers for hook in (layer.register_forward_pre_hook(empty.before),
+                                                                   layer.register_forward_hook(empty.after))]
+        if variant == "least recorder":
+            least = _Least(self.layers)
+            torch.autograd.backward = wrapt.FunctionWrapper(original, _pass_through)
+            handles += [self.model.register_forward_pre_hook(least.before),
+                        self.model.register_forward_hook(least.after, always_call=True),
+                        register_optimizer_step_post_hook(least.step)]
+            handles += [layer.register_forward_hook(least.layer) for layer in self.layers]
+        sentinel = variant == "death sentinel"
+        unregistered = variant == "probe removed at once"  # the registration's cost, nothing fired
         if variant == "watch":
             watcher = modewatch.watch(self.model, log=os.path.join(self.folder, "floor-{pid}.jsonl"))
         clock = time.thread_time_ns
@@ -91,6 +156,10 @@ class Bench:
                 output = self.model(self.x)
                 if probe:
                     output.grad_fn.register_prehook(empty.probe)
+                elif sentinel:
+                    output.grad_fn.metadata["floor"] = _Sentinel()
+                elif unregistered:
+                    output.grad_fn.register_prehook(empty.probe).remove()
                 forward = clock()
                 loss = nn.functional.cross_entropy(output, self.y)
                 self.optimizer.zero_grad()
@@ -138,9 +207,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds of {args.steps} steps, "
           f"{WARM_UP} warm-up steps, variants shuffled within each round")
-    print(f"\n{'us per step over bare':30s}" + "".join(f"{name:>14s}" for name in benches))
+    print(f"\n{'us per step over bare':30s}" + "".join(f"{name:>14s}" for name in benches) + "   x empty pre+post")
+    empty = over("hook-bound", "empty pre+post hooks")
     for variant in VARIANTS[1:]:
-        print(f"{variant:30s}" + "".join(f"{over(name, variant):+14.1f}" for name in benches))
+        print(f"{variant:30s}" + "".join(f"{over(name, variant):+14.1f}" for name in benches)
+              + f"{over('hook-bound', variant) / empty:12.2f}")
     print("\nwhere watch() costs, hook-bound model (us per step over bare; empty layer post-hooks beside it)")
     for phase, label in ((1, "forward"), (2, "backward"), (3, "graph freed + optimizer step")):
         print(f"  {label:30s} watch {over('hook-bound', 'watch', phase):+7.1f}   "

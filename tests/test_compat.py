@@ -1,5 +1,7 @@
 """torch's private APIs modewatch relies on (modewatch/compat.py) still do what it relies on."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -32,6 +34,14 @@ def test_a_modules_own_tables():
     assert set(compat.own_buffers(bn)) == {"running_mean", "running_var", "num_batches_tracked"}
     assert set(compat.own_parameters(bn)) == {"weight", "bias"}
     assert list(compat.own_children(nn.Sequential(bn))) == ["0"]
+
+
+def test_torchs_frames_between_a_module_call_and_its_hooks_are_found():
+    """The frames torch puts between the line calling a module and its forward pre-hook are found
+    on this torch (the model's pre-hook steps over them by identity), and they are torch's own."""
+    folder = os.path.dirname(torch.__file__)
+    assert compat.MODULE_CALL_CODES
+    assert all(code.co_filename.startswith(folder) for code in compat.MODULE_CALL_CODES)
 
 
 def test_base_classes_of_the_mode_sensitive_layers():

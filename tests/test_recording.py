@@ -39,6 +39,54 @@ def test_statistics_change_flag_matches_the_values(log):
     assert recorded == observed
 
 
+def test_batchnorm_in_every_configuration_is_recorded_alike(log):
+    """A BatchNorm with or without affine parameters, with a cumulative average, frozen, or with
+    its weight taken away after watching began: each call's mode, batch, momentum, frozen bit and
+    'statistics changed' bit (against a comparison of running_mean) come out right."""
+    def frozen(bn):
+        bn.requires_grad_(False)
+
+    def weight_taken_away(bn):
+        bn.weight = None
+
+    configurations = [(dict(), None, False), (dict(affine=False), None, False), (dict(momentum=None), None, False),
+                      (dict(), frozen, True), (dict(), weight_taken_away, False)]
+    for options, after_watching, is_frozen in configurations:
+        bn = nn.BatchNorm1d(4, **options)
+        model = nn.Sequential(nn.Linear(4, 4), bn)
+        observed = []
+        with modewatch.watch(model, log=log):
+            if after_watching is not None:
+                after_watching(bn)
+            for training, grad in [(True, True), (True, False), (False, True)]:
+                model.train(training)
+                before = bn.running_mean.clone()
+                with torch.set_grad_enabled(grad):
+                    model(torch.randn(8, 4))
+                observed.append((training, grad, not torch.equal(before, bn.running_mean)))
+        calls = recorded_calls(log)  # one row per forward, in the order their runs ended
+        assert sorted((c.training, c.grad, c.stats_changed) for c in calls) == sorted(observed), options
+        assert [(c.batch, c.param, c.frozen) for c in calls] == [(8, bn.momentum, is_frozen)] * 3, options
+        os.unlink(log)
+
+
+def test_the_calling_line_is_found_however_the_model_is_called(log):
+    """The forward's site is the user's line that called the model: through ``model(x)``, through
+    ``_call_impl`` directly (no _wrapped_call_impl frame), and inside a user's own module."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+
+    class Outer(nn.Module):
+        def forward(self, x):
+            return model(x)  # <- inside a module
+
+    with modewatch.watch(model, log=log):
+        model(torch.randn(2, 4))  # <- called
+        model._call_impl(torch.randn(2, 4))  # <- call_impl
+        Outer()(torch.randn(2, 4))
+    lines = sorted(c.site.line for c in recorded_calls(log))
+    assert lines == sorted([line_of("called"), line_of("call_impl"), line_of("inside a module")])
+
+
 def test_call_state_is_recorded(log):
     """Per call: mode, grad enabled, inference mode, batch size, p and momentum."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=0.2), nn.Dropout(0.25))
