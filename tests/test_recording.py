@@ -70,6 +70,45 @@ def test_batchnorm_in_every_configuration_is_recorded_alike(log):
         os.unlink(log)
 
 
+def test_the_common_case_hooks_record_what_the_general_ones_do(log, tmp_path, monkeypatch):
+    """torch's own BatchNorm and Dropout get hooks written for the common case; a run through
+    every unusual turn (frozen, a cumulative average, a weight taken away, inference mode, an EMA
+    copy, a layer called on its own) records exactly what the general hooks record."""
+    import copy
+
+    from modewatch import hooks
+
+    def run(path):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.3), nn.Flatten(),
+                              nn.LazyLinear(2), nn.BatchNorm1d(2, momentum=None))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with modewatch.watch(model, log=path):
+            model(torch.randn(2, 3, 5, 5))  # materialises the lazy layer
+            ema = copy.deepcopy(model)
+            for step in range(6):
+                model.train()
+                if step == 2:
+                    model[1].requires_grad_(False)
+                if step == 4:
+                    model[5].weight = None
+                nn.functional.cross_entropy(model(torch.randn(4, 3, 5, 5)), torch.tensor([0, 1, 0, 1])).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    ema(torch.randn(4, 3, 5, 5))
+                model.eval()
+                with torch.inference_mode():
+                    model(torch.randn(2, 3, 5, 5))
+                model[1](torch.randn(2, 4, 3, 3))  # a layer called outside any forward
+        return [tuple(call) for call in recorded_calls(path)]
+
+    fast = run(log)
+    monkeypatch.setattr(hooks.LayerHooks, "hook", property(lambda self: self.after))
+    general = run(str(tmp_path / "general.jsonl"))
+    assert len(fast) > 20 and fast == general
+
+
 def test_the_calling_line_is_found_however_the_model_is_called(log):
     """The forward's site is the user's line that called the model: through ``model(x)``, through
     ``_call_impl`` directly (no _wrapped_call_impl frame), and inside a user's own module."""
