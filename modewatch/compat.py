@@ -7,7 +7,6 @@ is the file to change; tests/test_compat.py checks each against the installed to
 from __future__ import annotations
 
 import operator
-import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,32 +39,20 @@ HOOK_ID_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", 
 
 
 def _module_call_codes() -> tuple:
-    """The code objects of torch's own frames between a forward pre-hook and the line that called
-    the module (``inner``, ``_call_impl`` in torch 2.13), found by calling a module once. The
-    model's pre-hook steps over them by identity, before looking for the user's frame."""
-    codes: list = []
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_code is not caller:
-            codes.append(frame.f_code)
-            frame = frame.f_back
-        if frame is None:  # not found: step over nothing
-            codes.clear()
-
-    def call(module: torch.nn.Module) -> None:
-        module(None)
-
-    caller = call.__code__
-    try:
-        module = torch.nn.Identity()
-        module.register_forward_pre_hook(hook)
-        call(module)
-    except Exception:
-        codes.clear()
-    # Stepped over one by one while each matches: a caller that calls _call_impl directly (no
-    # _wrapped_call_impl) is found all the same.
-    return tuple(code for code in codes if code.co_filename.endswith("module.py"))
+    """The code objects of torch's own frames between the line that called a module and its
+    forward hooks, innermost first: in torch 2.13 ``_call_impl``'s nested ``inner``, then
+    ``_call_impl`` and ``_wrapped_call_impl``. The model's pre-hook steps over them one by one
+    while each matches, by identity, before looking for the user's frame: a torch that calls hooks
+    from elsewhere gets nothing stepped over (slower, still right). Read from torch's functions,
+    not by calling a module, which would run the program's global module hooks."""
+    module = torch.nn.Module
+    call_impl = getattr(getattr(module, "_call_impl", None), "__code__", None)
+    if call_impl is None:
+        return ()
+    inner = tuple(code for code in call_impl.co_consts
+                  if isinstance(code, type(call_impl)) and code.co_name == "inner")
+    wrapped = getattr(getattr(module, "_wrapped_call_impl", None), "__code__", None)
+    return inner[:1] + (call_impl,) + ((wrapped,) if wrapped is not None else ())
 
 
 MODULE_CALL_CODES: tuple = _module_call_codes()
