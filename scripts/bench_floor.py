@@ -9,8 +9,9 @@ training/evaluation verdict exact), a pass-through wrapt wrapper on ``torch.auto
 a pre- and a post-hook on the model, an optimizer step post-hook, and one post-hook per layer.
 Beside them: the probe registered and removed at once (what registering costs, nothing fired), a
 "death sentinel" (an object put in each forward's output ``grad_fn.metadata``, whose ``__del__``
-tells that the graph was freed: the cheapest way to learn of the graph's death), and "least
-recorder": all of these mechanisms with the least Python an exact
+tells that the graph was freed: the cheapest way to learn of the graph's death), the same with a
+search of each backward's graph from its roots for the sentinels of waiting forwards in a wrapper
+on ``torch.autograd.backward`` (the alternative to a registered probe), and "least recorder": all of these mechanisms with the least Python an exact
 recorder can run in them (each layer call appends its index, mode and grad state to the forward's
 list in thread-local state; the model's pre-hook notes the calling frame; each forward gets a
 probe; steps are counted), the floor under any design with these hooks.
@@ -66,8 +67,33 @@ def _pass_through(wrapped, instance, args, kwargs):
 class _Sentinel:
     """Freed with the autograd node whose metadata holds it."""
 
+    found = False
+
     def __del__(self):
         return None
+
+
+_waiting: list = []  # sentinels of forwards not yet reached by a backward
+
+
+def _search(wrapped, instance, args, kwargs):
+    """The alternative to a probe: before the backward runs, search its graph from its roots for
+    the sentinels of waiting forwards (one metadata look-up per node met, stopping once all are
+    found: in a training step, the model's output is two nodes under the loss)."""
+    roots = args[0] if args else kwargs["tensors"]
+    todo = [roots.grad_fn] if isinstance(roots, torch.Tensor) else [t.grad_fn for t in roots]
+    seen, left = set(), len(_waiting)
+    while todo and left:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        sentinel = node.metadata.get("floor")
+        if sentinel is not None and not sentinel.found:
+            sentinel.found, left = True, left - 1
+        todo.extend(child for child, _ in node.next_functions)
+    _waiting.clear()
+    return wrapped(*args, **kwargs)
 
 
 class _Forward:
@@ -106,7 +132,7 @@ class _Least(threading.local):
         self.steps += 1
 
 
-VARIANTS = ("bare", "probe", "probe removed at once", "death sentinel", "backward wrapper", "model hooks", "step hook", "all four",
+VARIANTS = ("bare", "probe", "probe removed at once", "death sentinel", "sentinel + search", "backward wrapper", "model hooks", "step hook", "all four",
             "layer post-hooks", "empty pre+post hooks", "least recorder", "watch")
 
 
@@ -144,7 +170,10 @@ class Bench:
                         self.model.register_forward_hook(least.after, always_call=True),
                         register_optimizer_step_post_hook(least.step)]
             handles += [layer.register_forward_hook(least.layer) for layer in self.layers]
-        sentinel = variant == "death sentinel"
+        sentinel = variant in ("death sentinel", "sentinel + search")
+        searched = variant == "sentinel + search"
+        if searched:
+            torch.autograd.backward = wrapt.FunctionWrapper(original, _search)
         unregistered = variant == "probe removed at once"  # the registration's cost, nothing fired
         if variant == "watch":
             watcher = modewatch.watch(self.model, log=os.path.join(self.folder, "floor-{pid}.jsonl"))
@@ -157,7 +186,9 @@ class Bench:
                 if probe:
                     output.grad_fn.register_prehook(empty.probe)
                 elif sentinel:
-                    output.grad_fn.metadata["floor"] = _Sentinel()
+                    mark = output.grad_fn.metadata["floor"] = _Sentinel()
+                    if searched:
+                        _waiting.append(mark)
                 elif unregistered:
                     output.grad_fn.register_prehook(empty.probe).remove()
                 forward = clock()
