@@ -206,10 +206,10 @@ class Watcher:
         layer = owner.layer if id(module) == owner.module_id else self.registry.copy_layer(module, owner.layer)
         forward = self.state.forward
         if forward is not None:
-            owner.after(module, args, output, layer, forward)
+            owner.add(module, args, forward, layer)
             return
         forward = self.begin_forward(sys._getframe(2), self.registry.layer_models[layer])
-        owner.after(module, args, output, layer, forward)
+        owner.add(module, args, forward, layer)
         self.end_forward(forward, output)
 
     def copy_model(self, module: nn.Module, original: int) -> int:

@@ -131,11 +131,12 @@ class LayerHooks(Hooks):
     """Forward hook of one Dropout layer: appends one small tuple per call, nothing else.
 
     ``hook`` is the method registered: ``record`` for torch's own layers in their usual state (the
-    common case, kept to the fewest operations: the layer itself, inside a watched forward), else
-    ``after``, which handles every case. Both record in the hook itself (a further Python call per
-    layer call would cost more than the reads). Everything unusual goes through
-    ``Recorder.unusual_call``, which calls ``after`` with the layer and the forward the call
-    belongs to.
+    common case, kept to the fewest operations, recorded in the hook itself: a further Python call
+    per layer call would cost more than the reads), else ``after``. Both find the forward in
+    progress; a call off that path (a deep copy of the layer, a call outside any watched forward)
+    goes to ``Recorder.unusual_call``, which finds its layer and forward. ``add`` records a call
+    into a given forward in every case: ``after``, ``unusual_call`` and ``record``'s own fallback
+    end there.
     """
 
     def __init__(self, watcher: Recorder, layer: int, module: nn.Module):
@@ -155,13 +156,19 @@ class LayerHooks(Hooks):
     def probability(self, module: nn.Module) -> Optional[float]:
         return number(getattr(module, "p", None))
 
-    def after(self, module: nn.Module, args: tuple, output: Any, layer: int = -1, forward: Any = None) -> None:
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The hook of a layer ``record`` does not apply to."""
         try:
-            if forward is None:
-                forward = self.state.forward
-                if forward is None or id(module) != self.module_id:
-                    return self.watcher.unusual_call(self, module, args, output)
-                layer = self.layer
+            forward = self.state.forward
+            if forward is None or id(module) != self.module_id:
+                return self.watcher.unusual_call(self, module, args, output)
+            self.add(module, args, forward, self.layer)
+        except Exception as exc:
+            self.watcher.fail(exc)
+
+    def add(self, module: nn.Module, args: tuple, forward: Any, layer: int) -> None:
+        """Record a call of ``module`` as ``layer`` into ``forward``."""
+        try:
             # A module's attributes read from its __dict__: nn.Module's __getattr__ makes each
             # attribute read a slow generic look-up, and one gets the dict for all of them.
             attributes = module.__dict__
@@ -174,7 +181,7 @@ class LayerHooks(Hooks):
             self.watcher.fail(exc)
 
     def record(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """``after`` for a torch Dropout (its probability in ``p``), in the common case."""
+        """The hook of a torch Dropout (its probability in ``p``): ``after`` and ``add`` in one."""
         try:
             forward = self.state.forward
             if forward is None or id(module) != self.module_id:
@@ -229,14 +236,9 @@ class NormHooks(LayerHooks):
         self.usual = (self.counter == "num_batches_tracked" and not self.exact
                       and module.__dict__.get("affine") is True and module.__dict__.get("track_running_stats") is True)
 
-    def after(self, module: nn.Module, args: tuple, output: Any, layer: int = -1, forward: Any = None) -> None:
+    def add(self, module: nn.Module, args: tuple, forward: Any, layer: int) -> None:
         try:
-            if forward is None:
-                forward = self.state.forward
-                if forward is None or id(module) != self.module_id:
-                    return self.watcher.unusual_call(self, module, args, output)
-                layer = self.layer
-            attributes = module.__dict__  # see LayerHooks.after
+            attributes = module.__dict__  # see LayerHooks.add
             training = attributes["training"]
             flags = MODE_FLAGS[training][_is_grad_enabled()]
             counter = self.counter
@@ -273,10 +275,10 @@ class NormHooks(LayerHooks):
             self.watcher.fail(exc)
 
     def record(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """``after`` for torch's own BatchNorm with parameters and running statistics, in the
-        common case. What may not hold (an input without a batch dimension, a statistics counter
-        made under inference mode, parameters taken away) is read before anything is changed,
-        and then ``after`` records the call."""
+        """The hook of torch's own BatchNorm with parameters and running statistics: ``after``
+        and ``add`` in one, for the common case. What may not hold (an input without a batch
+        dimension, a statistics counter made under inference mode, parameters taken away) is read
+        before anything is changed, and then ``add`` records the call."""
         try:
             forward = self.state.forward
             if forward is None or id(module) != self.module_id:
@@ -287,7 +289,7 @@ class NormHooks(LayerHooks):
                 trained = attributes["_parameters"]["weight"].requires_grad
                 batch = args[0].shape[0]
             except (KeyError, AttributeError, IndexError, TypeError, RuntimeError):
-                return self.after(module, args, output, self.layer, forward)
+                return self.add(module, args, forward, self.layer)
             training = attributes["training"]
             layer = self.layer
             flags = MODE_FLAGS[training][_is_grad_enabled()]
