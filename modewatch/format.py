@@ -44,7 +44,6 @@ ROW_FIELDS = (
     "first_step", "last_step", "first_forward", "forwards", "calls",
 )
 ROW_LENGTH = len(ROW_FIELDS)
-STATE_FIELDS = ROW_FIELDS.index("first_step")  # a row's fields before its counts: what the calls were
 
 
 def row(call: tuple, kind: int, site, context: int, first_step: int, last_step: int, first_forward: int,

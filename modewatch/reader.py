@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 from ._version import __version__
 from .errors import LogFormatError
 from .format import (ALL_FLAGS, CATEGORIES, FORWARD_KINDS, FROZEN, GRAD_ENABLED, HEADER_EVENT, INFERENCE, PARAMS_MOVED,
-                     ROW_LENGTH, SCHEMA, SCOPES, STATE_FIELDS, STATS_CHANGED, TRAINING, is_log_name)
+                     ROW_LENGTH, SCHEMA, SCOPES, STATS_CHANGED, TRAINING, is_log_name)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -202,7 +202,7 @@ class LogReader:
         self._contexts: dict = {0: NO_CONTEXT}
         self.facts = Facts()
         self._text_kept = 0  # characters of the definitions kept (MAX_TEXT_KEPT)
-        self._states: dict = {}  # a row's first STATE_FIELDS fields -> their checked, resolved values
+        self._states: dict = {}  # a row's state (its fields before its counts) -> their checked, resolved values
         self._state_hashes: collections.Counter = collections.Counter()  # hash -> states cached under it
         self._state_numbers: dict = {}  # a resolved state -> its Calls.state
 
@@ -413,20 +413,22 @@ class LogReader:
             raise _Bad
         # One unpacking of the whole row (ROW_FIELDS), cheaper than two slices.
         layer, kind, flags, batch, param, mode, site, context, first, last, first_fwd, forwards, calls = row
+        key = (layer, kind, flags, batch, param, mode, site, context)
         try:
-            state = self._states[layer, kind, flags, batch, param, mode, site, context]
+            state = self._states[key]
         except TypeError:  # an unhashable field: not what the format says
             raise _Bad from None
         except KeyError:
-            state = self._resolve_state(row)
+            state = self._resolve_state(key)
         if (type(first) is type(last) is type(first_fwd) is type(forwards) is type(calls) is int
                 and 0 <= first <= last <= MAX_INT and 0 <= first_fwd <= MAX_INT and 1 <= forwards <= MAX_INT
                 and 1 <= calls <= MAX_INT):
             return _new_calls(Calls, state + (first, last, first_fwd, forwards, calls))
         raise _Bad
 
-    def _resolve_state(self, row: list) -> tuple:
-        layer, kind, flags, batch, param, mode, site, context = row[:STATE_FIELDS]
+    def _resolve_state(self, key: tuple) -> tuple:
+        """A row's state (``key``: its fields before its counts), checked, resolved and cached."""
+        layer, kind, flags, batch, param, mode, site, context = key
         if kind not in FORWARD_KINDS or type(flags) is not int or not 0 <= flags <= ALL_FLAGS:
             raise _Bad
         state = (
@@ -442,7 +444,6 @@ class LogReader:
         if number is None and len(self._state_numbers) < MAX_TABLE:
             number = self._state_numbers[state] = len(self._state_numbers)
         state += (number,)
-        key = tuple(row[:STATE_FIELDS])
         same = hash(key)
         if len(self._states) < MAX_TABLE and self._state_hashes[same] < MAX_SAME_HASH:
             self._state_hashes[same] += 1
