@@ -364,11 +364,12 @@ def has_parameters(module: nn.Module) -> bool:
     return any(p is not None for p in _own_parameters(module).values())
 
 
-def layer_hooks_of(module: nn.Module, watcher: Recorder) -> Optional[LayerHooks]:
-    """The layer hooks of ``watcher`` that ``module`` carries (a deep copy carries the original's)."""
+def hooks_of(module: nn.Module, watcher: Recorder, kind: type = LayerHooks) -> Any:
+    """The hooks of ``kind`` (LayerHooks or ModelHooks) of ``watcher`` that ``module`` carries (a
+    deep copy carries the original's), or None."""
     for hook in compat.forward_hooks(module):
         owner = getattr(hook, "__self__", None)
-        if isinstance(owner, LayerHooks) and owner.watcher is watcher:
+        if isinstance(owner, kind) and owner.watcher is watcher:
             return owner
     return None
 

@@ -146,6 +146,9 @@ class Registry:
             known = self.lookup(model)
             if known is not None:
                 return known.model  # watched already, or a part of a watched model
+            carried = None if copy_of is not None else hooks.hooks_of(model, self.watcher, hooks.ModelHooks)
+            if carried is not None:  # a deep copy of a watched model, watched before its first call
+                return self.copy_model(model, carried.model)
             index = len(self.models)
             chain = unwrapped_chain(model)
             if site is None and frame is not None:
@@ -156,8 +159,8 @@ class Registry:
             for name, module in model.named_modules():
                 known = self.remember(module, index, name)
                 known.top = False  # a model adopted is a part now
-                if copy_of is not None:  # a deep copy: its layers carry the original's hooks
-                    self.find_layer(module, index)
+                if copy_of is not None or (known.layer is None and hooks.hooks_of(module, self.watcher) is not None):
+                    self.find_layer(module, index)  # a deep copy: its layers carry the original's hooks
                     continue
                 category = category_of(module, self.named)
                 if category is None:
@@ -286,7 +289,7 @@ class Registry:
         known = self.lookup(module)
         if known is not None and known.layer is not None:
             return known.layer
-        owner = hooks.layer_hooks_of(module, self.watcher)
+        owner = hooks.hooks_of(module, self.watcher)
         return None if owner is None else self.copy_layer(module, owner.layer, model)
 
     def detach(self) -> None:

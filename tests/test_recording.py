@@ -427,6 +427,24 @@ def test_a_model_that_adopts_a_watched_model_renames_its_layers(log):
     assert sorted(name for f in found for name in f.layers) == ["0.drop", "drop"]
 
 
+@pytest.mark.parametrize("what", ["model", "part"])
+def test_a_deep_copy_watched_as_a_model_records_each_call_once(log, what):
+    """A deep copy of a watched model (torchvision's EMA: AveragedModel copies the model, then
+    moves the copy with .to()), or of a part of one, that is then watched as a model itself (as
+    MODEWATCH=1 watches a module moved or set up): it carries our hooks from the copy already, and
+    gets no second set; each of its layer calls is recorded once, its statistics updates too."""
+    model = Net()
+    with modewatch.watch(model, log=log) as watcher:
+        copy = __import__("copy").deepcopy(model if what == "model" else model.bn1)
+        watcher.add_model(copy)
+        with torch.no_grad():
+            for x, _ in batches(2):
+                copy(x if what == "model" else model.fc1(x))
+    calls = [c for c in recorded_calls(log) if c.layer.model != 0]
+    assert sum(c.calls for c in calls if c.layer.kind == "BatchNorm1d") == 2
+    assert all(c.stats_changed for c in calls if c.layer.kind == "BatchNorm1d")
+
+
 class AdaptingNorm(nn.BatchNorm1d):
     """Test-time adaptation: a BatchNorm subclass that updates its statistics in eval mode too."""
 
