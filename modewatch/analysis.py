@@ -418,6 +418,7 @@ class _Seen:
     def __init__(self, facts: Facts):
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
+        self.trained_in_train_mode: set = set()  # model ids with training forwards in train mode
         # How often each model trains, and each line runs it otherwise (see as_often): forwards,
         # in one-item lists that the rows of a state add to without a look-up.
         self.trained_calls: dict = {}  # (model id, site, layer) -> [training forwards]
@@ -447,8 +448,16 @@ class _Seen:
         """Once per distinct state of calls."""
         if calls.forward_kind == PARAM_GRAD:
             add_bounded(self.trained, calls.layer.model)
+            if calls.training:
+                add_bounded(self.trained_in_train_mode, calls.layer.model)
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
+
+    def after_last_step(self, step: int) -> bool:
+        """Whether no optimizer step followed ``step`` (steps completed), as far as the log has
+        told (all of it once read to its end); False where its events tell no steps."""
+        told = self.facts.steps
+        return told is not None and step >= max(told, self.totals[1])
 
     def model_name(self, model: Optional[int]) -> str:
         info = self.facts.models.get(model)

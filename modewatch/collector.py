@@ -324,7 +324,7 @@ class Watcher:
             if len(self.folder.rows) >= MAX_ROWS_PER_LINE:  # a mode change every step: keep lines short
                 self._write()
             if self._live is not None:  # the same rows the log gets, one forward at a time
-                self._live.check(folding.forward_rows(key, calls, forward.step, forward.seq))
+                self._live.check(folding.forward_rows(key, calls, forward.step, forward.seq), self.step)
 
     def _write(self, end_runs: bool = False, always: bool = False) -> None:
         with self._lock:
@@ -423,7 +423,7 @@ class Watcher:
                         found = found or exc
                 if self._live is not None:
                     try:
-                        self._live.check([], final=True)
+                        self._live.check([], self.step, final=True)
                     except ModeFindingError as exc:
                         found = found or exc
                 always = self.always_log and not self._child and not _is_child_process()

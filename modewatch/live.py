@@ -34,9 +34,10 @@ class Live:
         for calls in self.reader.feed(event):
             self.add(calls)
 
-    def check(self, rows: list, final: bool = False) -> None:
-        """Feed ``rows``; tell each new error finding (``final``: the watcher is closing)."""
-        self.feed({"event": "calls", "rows": rows})
+    def check(self, rows: list, step: int, final: bool = False) -> None:
+        """Feed ``rows`` (``step``: the optimizer steps completed now); tell each new error finding
+        (``final``: the watcher is closing)."""
+        self.feed({"event": "calls", "step": step, "rows": rows})
         for finding in self.job.findings(final):
             key = (finding.rule, finding.severity, finding.cause)
             if finding.severity != "error" or key in self.told:

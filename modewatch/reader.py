@@ -101,6 +101,15 @@ class Facts:
         self.feeding: set = set()  # model ids whose outputs another model was called on (generators)
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
         self.norm_layers = 0  # entries in all of those sets: at most MAX_TABLE
+        # Optimizer steps completed, as far as the log's calls and closing events have told (None:
+        # they told none, as in a log written by hand).
+        self.steps: Optional[int] = None
+
+    def note_steps(self, steps: Any) -> None:
+        """A ``calls`` or closing event's count of optimizer steps completed (ignored unless a
+        plausible count, and never lowered)."""
+        if type(steps) is int and 0 <= steps <= MAX_INT and (self.steps is None or steps > self.steps):
+            self.steps = steps
 
     def add_norm_layer(self, model: int, name: str, kind: str) -> None:
         names = self.layers.get(model)
@@ -230,6 +239,7 @@ class LogReader:
                 # Rows inline (not through _read_event): this loop is most of an analysis.
                 if type(event) is dict and event.get("event") == "calls" and type(event.get("rows")) is list:
                     rows, skipped = event["rows"], self.skipped
+                    self.facts.note_steps(event.get("step"))
                     for row in rows:
                         try:
                             yield read_row(row)
@@ -266,6 +276,7 @@ class LogReader:
         """The records of one event handed over directly, not read from a file: a live analysis
         inside the watching process reads what the writer writes, with the same checks."""
         if event.get("event") == "calls":
+            self.facts.note_steps(event.get("step"))
             return [self._read_row(row) for row in event["rows"]]
         self._read_event(event)
         return []
@@ -393,6 +404,7 @@ class LogReader:
             steps, models = event.get("steps"), event.get("models")
             self.steps = steps if type(steps) is int and 0 <= steps <= MAX_INT else None
             self.models = models if type(models) is int and 0 <= models <= MAX_INT else None
+            self.facts.note_steps(self.steps)
         elif kind == HEADER_EVENT:
             raise _Bad  # a second header: two logs written into one file
         else:

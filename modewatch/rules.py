@@ -98,6 +98,28 @@ def _settle_frozen(cause: Any, seen: Any, final: bool) -> Any:
     return cause.rule, cause.severity, None
 
 
+def _settle_training(cause: Any, seen: Any, final: bool) -> Any:
+    """train-without-dropout and bn-frozen-in-train, once the whole log is read: no finding where
+    no weights learnt in the wrong mode, the backward having been taken for something else (an
+    adversarial example or saliency map by ``loss.backward()`` and ``x.grad``, a Fisher estimate):
+
+    - a model that never trains in the run: no optimizer holds its parameters, they never changed
+      in place, and it never ran a training forward in train mode (the FGSM tutorial);
+    - a model an optimizer trains, where every offending forward came after the run's last
+      optimizer step (an attack on the trained model once training is over).
+
+    A model trained by hand through ``.data`` with no optimizer, and in eval mode from its very
+    first batch, is the one case this lets by: nothing in the log tells it from an attack.
+    """
+    model, facts = cause.model, seen.facts
+    if model in facts.optimized_models:
+        if not seen.after_last_step(cause.first_step):
+            return cause.rule, cause.severity, None
+    elif model in facts.updated_models or model in seen.trained_in_train_mode:
+        return cause.rule, cause.severity, None
+    return None if final else ...
+
+
 def _evaluation_detail(calls: Any) -> tuple:
     """What stat-update-in-eval and dropout-in-eval verdicts depend on: the BatchNorm layer (does it
     ever run in eval mode: sampling), the line that called the model, and whether the forward built
@@ -118,7 +140,8 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
       called): a line that runs it more than half as often as it trains makes fakes for the
       discriminator (under no_grad, or detached): training, no finding; an occasional one
       (sampling) that updates BatchNorm statistics in layers never run in eval mode in the run is
-      stat-update-in-sampling (nothing in the run used them);
+      stat-update-in-sampling (nothing in the run used them); one that runs Dropout in train mode,
+      in layers never run in eval mode, is a dropout-in-eval warning (pix2pix's noise);
     - else as checked (a classifier validated in train mode stays an error).
     """
     norm_layer, site, unused = cause.detail
@@ -136,6 +159,10 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
         return None if final else ...
     if norm_layer is not None and generator and (cause.model, norm_layer) not in seen.eval_mode:
         return ("stat-update-in-sampling", "warning", None) if final else ...
+    if (norm_layer is None and generator and cause.rule == "dropout-in-eval"
+            and not any((cause.model, name) in seen.eval_mode for name in cause.layers)):
+        # pix2pix keeps its generator's dropout on at test time, as its noise: a warning
+        return ("dropout-in-eval", "warning", None) if final else ...
     return cause.rule, cause.severity, None
 
 
@@ -152,15 +179,21 @@ _RULES = (
         "{training} ran Dropout in eval mode, with dropout off ({layers}).",
         TRAIN_AGAIN,
         check=lambda c, _: "error" if _training_forward(c) and _active_dropout(c) and not c.training else None,
+        settle=_settle_training,
     ),
     Rule(
         "bn-frozen-in-train", "error",
         "{training} ran BatchNorm in eval mode, with running statistics frozen ({layers}).",
         f"{TRAIN_AGAIN[:-1]}; to freeze BatchNorm on purpose, put only the BatchNorm layers in eval mode.",
-        check=lambda c, _: (("info" if deliberate_freeze(c.mode) else "error")
+        # A layer whose parameters are all frozen (requires_grad=False) is frozen on purpose in
+        # eval mode too: a linear probe on a frozen backbone (MoCo, DINO) calls model.eval() in
+        # its training loop, and only the head learns.
+        check=lambda c, _: (("info" if c.frozen or deliberate_freeze(c.mode) else "error")
                             if _training_forward(c) and _norm(c) and not c.training else None),
-        variants={"info": "{training} ran BatchNorm in eval mode ({layers}); the layers were put in eval mode one "
-                          "by one or a submodule at a time, which looks like deliberate freezing."},
+        variants={"info": "{training} ran BatchNorm in eval mode ({layers}); the layers were frozen "
+                          "(requires_grad=False), or put in eval mode one by one or a submodule at a time, which "
+                          "looks like deliberate freezing."},
+        settle=_settle_training,
     ),
     Rule(
         "stat-update-in-eval", "error",
@@ -178,7 +211,10 @@ _RULES = (
         "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
         "call model.eval() before evaluating (torch.no_grad() does not switch Dropout off).",
         check=lambda c, _: "error" if _evaluation(c) and _active_dropout(c) and c.training else None,
-        variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers})."},
+        variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers}).",
+                  "warning": "{evaluation} that no backward used (sampling) ran a generator's Dropout in train mode, "
+                             "so its outputs were random ({layers}); these layers never ran in eval mode in this run, "
+                             "as in pix2pix, which keeps dropout on at test time as its noise."},
         in_train_mode=True,
         detail=_evaluation_detail,
         settle=_settle_evaluation,

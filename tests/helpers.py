@@ -131,6 +131,16 @@ DEFINITIONS = [
 ]
 
 
+def optimized(*models):
+    """The event that says an optimizer trains ``models`` (default model 0), as the log of a
+    training run says: a model no optimizer trains gets no train-without-dropout or
+    bn-frozen-in-train (see rules._settle_training)."""
+    return {"event": "optimized", "step": 0, "models": list(models or (0,)), "layers": []}
+
+
+DEFINITIONS.append(optimized())
+
+
 def row(first_step, last_step, calls=1, kind=logformat.PARAM_GRAD, training=False):
     """A calls row of layer 0 ("drop", p 0.5) called from site 0; in eval mode, set by mode 0."""
     flags = (logformat.TRAINING if training else 0) | logformat.GRAD_ENABLED

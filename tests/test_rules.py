@@ -80,6 +80,31 @@ def test_bn_frozen_layer_by_layer_is_info(log):
     assert "fix:" not in modewatch.report.text_report(analysis)  # nothing to fix: the report says none
 
 
+def test_a_linear_probe_on_a_frozen_backbone_is_deliberate(log):
+    """MoCo's linear evaluation: the backbone's parameters frozen (requires_grad=False), an
+    optimizer for the head alone, model.eval() in the training loop on purpose: its frozen
+    BatchNorm layers in eval mode are info, not an error. The same BatchNorm layer learning,
+    trained in eval mode by the same call, is still an error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+    def run():
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+        def body():
+            for x, y in batches(3, features=4):
+                model.eval()  # <- probe eval
+                train_step(model, opt, x, y)
+
+        return analyze_run(log, model, body)
+
+    model[:3].requires_grad_(False)
+    probe = run()
+    assert rules(probe) == {("bn-frozen-in-train", "info")}
+    assert probe.findings[0].layers == ["1"] and probe.findings[0].mode_site["line"] == line_of("probe eval")
+    model[1].requires_grad_(True)
+    assert rules(run()) == {("bn-frozen-in-train", "error")}
+
+
 def test_train_override_that_freezes_batchnorm_is_deliberate(log):
     """A model whose train() override puts its BatchNorm back in eval mode (mmdet's norm_eval)
     is deliberate freezing, and the eval() line inside the override is the mode site."""
@@ -245,15 +270,100 @@ def test_saliency_and_fgsm_in_eval_mode_are_not_training(log):
 
 
 def test_autograd_grad_of_parameters_is_training(log):
-    """torch.autograd.grad with respect to parameters (meta-learning) is a training forward."""
+    """torch.autograd.grad with respect to parameters (meta-learning), the gradients then stepped
+    by an optimizer, is a training forward."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def body():
         model.eval()
-        loss = model(torch.randn(8, 4)).sum()
-        torch.autograd.grad(loss, list(model.parameters()))
+        for _ in range(2):
+            loss = model(torch.randn(8, 4)).sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            for parameter, grad in zip(model.parameters(), grads):
+                parameter.grad = grad
+            opt.step()
 
     assert rules(analyze_run(log, model, body)) == {("train-without-dropout", "error")}
+
+
+def fgsm(model, x, y, epsilon=0.1):
+    """The FGSM tutorial's attack: the input's gradient by loss.backward(), read from x.grad."""
+    x = x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x), y)  # <- attack forward
+    model.zero_grad()
+    loss.backward()
+    return (x + epsilon * x.grad.sign()).detach()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_an_attack_by_backward_on_a_model_that_never_trains_is_no_training(log, frozen):
+    """The FGSM tutorial: a pretrained model put in eval mode, the attack's gradient taken with
+    loss.backward() (its parameters get gradients too, unless frozen), no optimizer anywhere:
+    no weights learn, so no train-without-dropout or bn-frozen-in-train (it was an error)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.requires_grad_(not frozen)
+
+    def body():
+        model.eval()
+        for x, y in batches(4, features=4):
+            x_adv = fgsm(model, x, y)
+            with torch.no_grad():
+                model(x_adv)
+
+    assert not [f for f in analyze_run(log, model, body).findings if f.severity == "error"]
+
+
+def test_an_attack_after_the_last_step_is_no_training(log):
+    """A model trained in train mode, then attacked in eval mode by loss.backward() once training
+    is over: nothing is reported; the same attack in the middle of training, with training going
+    on in eval mode after it, still is."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(3, features=4)
+
+    def attack_after_training():
+        for x, y in data:
+            train_step(model, opt, x, y)
+        model.eval()  # <- attack eval
+        for x, y in data:
+            fgsm(model, x, y)
+
+    assert analyze_run(log, model, attack_after_training).findings == []
+
+    def attack_then_train_on():
+        attack_after_training()
+        for x, y in data:
+            train_step(model, opt, x, y)
+
+    found = findings_by_rule(analyze_run(log, model, attack_then_train_on))
+    assert {rule: f.severity for rule, f in found.items()} == {"train-without-dropout": "error",
+                                                              "bn-frozen-in-train": "error"}
+    assert found["train-without-dropout"].mode_site["line"] == line_of("attack eval")
+
+
+def test_a_model_trained_by_hand_is_still_reported(log):
+    """Training with no optimizer, the update written by hand through .data (pytorch/examples'
+    word_language_model), then an evaluation that leaves the model in eval mode: the batches
+    after it are training batches in eval mode, an error as with an optimizer."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+
+    def body():
+        for epoch in range(2):
+            if epoch == 0:
+                model.train()
+            for x, y in batches(3, features=4):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                for parameter in model.parameters():
+                    parameter.data.add_(parameter.grad, alpha=-0.1)
+            model.eval()  # <- by hand eval
+            with torch.no_grad():
+                model(x)
+
+    found = findings_by_rule(analyze_run(log, model, body))
+    assert found["train-without-dropout"].severity == "error"
+    assert found["train-without-dropout"].mode_site["line"] == line_of("by hand eval")
 
 
 def test_mc_dropout_inside_allow_is_not_reported(log):

@@ -339,6 +339,31 @@ def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_g
     assert finding.forward_site["line"] == line_of("sampling")
 
 
+@pytest.mark.parametrize("evaluated", [False, True])
+def test_sampling_a_generator_with_dropout_on_is_a_warning_where_it_never_runs_in_eval_mode(log, evaluated):
+    """pix2pix keeps its generator's dropout on at test time, as its noise, and samples in train
+    mode: a dropout-in-eval warning, not an error (it was one). A generator whose dropout does run
+    in eval mode elsewhere in the run (a final evaluation) was sampled in train mode by mistake:
+    still an error."""
+    generator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 8))
+    discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
+    with watch_everything(log):
+        opt_g, opt_d = torch.optim.Adam(generator.parameters()), torch.optim.Adam(discriminator.parameters())
+        for step, (x, _) in enumerate(batches(6)):
+            fake = generator(torch.randn(16, 8))
+            optimize(opt_d, discriminator(fake.detach()).mean() - discriminator(x).mean())
+            optimize(opt_g, -discriminator(fake).mean())
+            if step % 2 == 0:
+                generator(torch.randn(16, 8))  # <- pix2pix sample
+        if evaluated:
+            generator.eval()
+            with torch.no_grad():
+                generator(torch.randn(16, 8))
+    (finding,) = modewatch.analyze(log).findings
+    assert (finding.rule, finding.severity) == ("dropout-in-eval", "error" if evaluated else "warning")
+    assert finding.forward_site["line"] == line_of("pix2pix sample")
+
+
 @pytest.mark.parametrize("critic_steps", [1, 5])
 def test_fakes_made_under_no_grad_for_the_discriminator_are_training(log, critic_steps):
     """BigGAN- and WGAN-style: the discriminator's step makes its fakes under no_grad, once per

@@ -13,7 +13,7 @@ import pytest
 
 import modewatch
 from modewatch.cli import main
-from helpers import DEFINITIONS, HEADER, environment, row, unsafe, write
+from helpers import DEFINITIONS, HEADER, environment, optimized, row, unsafe, write
 
 
 HOSTILE = "x\x1b[2J\x1b[H\x9b31mNo mode problems found.\r\x08\t\n\u202eevil\u2066\u200f\ud800"
@@ -97,7 +97,7 @@ def test_sarif_file_uris_are_percent_encoded(tmp_path, monkeypatch, capsys):
     the log is percent-encoded, inside the working directory (relative) and outside it."""
     monkeypatch.chdir(tmp_path)
     events = [HEADER, dict(DEFINITIONS[1], file=os.fspath(tmp_path / "dir x" / "é.py")),
-              dict(DEFINITIONS[2], file="/elsewhere/a b#c.py"), DEFINITIONS[0], DEFINITIONS[3],
+              dict(DEFINITIONS[2], file="/elsewhere/a b#c.py"), DEFINITIONS[0], DEFINITIONS[3], optimized(),
               {"event": "calls", "rows": [row(1, 9, 5)]}]
     assert main(["analyze", write(tmp_path / "a.jsonl", events), "--format", "sarif"]) == 1
     (result,) = json.loads(capsys.readouterr().out)["runs"][0]["results"]
@@ -126,7 +126,7 @@ def test_report_shows_source_only_from_allowed_folders(tmp_path, monkeypatch):
     sites = [dict(DEFINITIONS[1], id=i, file=os.fspath(f), line=2) for i, f in enumerate(files)]
     modes = [dict(DEFINITIONS[3], id=i, site=i) for i in range(len(files))]
     rows = [row(1, 2)[:5] + [i, len(files) - 1] + row(1, 2)[7:] for i in range(len(files))]  # called in train.py
-    log = write(logs / "a.jsonl", [HEADER, DEFINITIONS[0], *sites, *modes, {"event": "calls", "rows": rows}])
+    log = write(logs / "a.jsonl", [HEADER, DEFINITIONS[0], *sites, *modes, optimized(), {"event": "calls", "rows": rows}])
     monkeypatch.chdir(work)
 
     assert main(["report", log, "-o", "r.html"]) == 0
@@ -153,7 +153,7 @@ def test_a_link_beside_a_log_allows_no_other_folder(tmp_path, monkeypatch):
     (victim / "settings.py").write_text("PASSWORD = 'hunter2'\n")
     (victim / "notes.jsonl").write_text("not a log\n")
     site = dict(DEFINITIONS[1], file=os.fspath(victim / "settings.py"), line=1)
-    write(shared / "run.jsonl", [HEADER, DEFINITIONS[0], site, DEFINITIONS[2], DEFINITIONS[3],
+    write(shared / "run.jsonl", [HEADER, DEFINITIONS[0], site, DEFINITIONS[2], DEFINITIONS[3], optimized(),
                                  {"event": "calls", "rows": [row(1, 9, 5)]}])
     os.symlink("/nonexistent-anything/x", shared / "x.jsonl")  # "/" by its target's folder
     os.symlink(victim / "notes.jsonl", shared / "y.jsonl")  # the victim's folder by its target's
@@ -169,7 +169,7 @@ def test_report_source_is_bounded_however_many_findings_cite_it(tmp_path, monkey
     (a 7 KB log made a 640 MB page)."""
     (tmp_path / "big.py").write_text(("<" * 10_000 + "\n") * 5)
     site = dict(DEFINITIONS[1], file=os.fspath(tmp_path / "big.py"), line=3)
-    events = [HEADER, site, dict(DEFINITIONS[3], site=0)]
+    events = [HEADER, site, dict(DEFINITIONS[3], site=0), optimized(*range(250))]
     for model in range(250):  # findings of different models are never merged
         events += [dict(DEFINITIONS[0], id=model, model=model),
                    {"event": "calls", "rows": [[model, *row(1, 1)[1:]]]}]
@@ -201,7 +201,8 @@ def test_a_long_chain_of_kept_mode_calls_is_resolved_once(tmp_path):
     analyzed in seconds (it crashed the interpreter, and time grew as chain x rows)."""
     chain = [dict(DEFINITIONS[3], id=i, **({"kept": i - 1} if i else {})) for i in range(150_000)]
     rows = [row(s, s)[:5] + [149_999] + row(s, s)[6:] for s in range(50_000)]
-    log = write(tmp_path / "chain.jsonl", [HEADER, *DEFINITIONS[:3], *chain, {"event": "calls", "rows": rows}])
+    log = write(tmp_path / "chain.jsonl", [HEADER, *DEFINITIONS[:3], *chain, optimized(),
+                                           {"event": "calls", "rows": rows}])
     code, out, err, seconds = cli("analyze", log)
     assert (code, err) == (1, "") and "train-without-dropout" in out
     assert seconds < 40, seconds  # about 3 s here
@@ -455,6 +456,21 @@ def test_huge_numbers_are_skipped_lines(tmp_path, capsys):
         assert main(["analyze", log, "--format", fmt]) == 1
     out = capsys.readouterr().out
     assert "note: 4 damaged or cut-off log line(s) were skipped" in out and '"skipped_lines": 4' in out
+
+
+@pytest.mark.parametrize("told", ["5", -1, 10 ** 40, True, None, 9])
+def test_steps_a_log_tells_are_believed_only_when_plausible(tmp_path, told):
+    """Training batches in eval mode after step 5, in a log whose calls events tell a number of
+    steps: an implausible number (not an int, negative, past 2**63, a bool) is ignored, as if the
+    log told none, and the finding stays; a plausible one after the batches keeps it too. Only a
+    log telling that no step followed them (5 here) drops it: an attack once training was over."""
+    def analyzed(steps):
+        log = write(tmp_path / "a.jsonl", [HEADER, *DEFINITIONS,
+                                           {"event": "calls", "step": steps, "rows": [row(5, 5, 3)]}])
+        return {f.rule for f in modewatch.analyze(log).findings}
+
+    assert analyzed(told) == {"train-without-dropout"}
+    assert analyzed(5) == set()
 
 
 def test_a_mostly_damaged_log_is_an_input_error(tmp_path, capsys):
