@@ -96,6 +96,7 @@ class Watcher:
         self._live = Live(self.path, on_finding) if on_finding else None
         self._lock = threading.RLock()
         self.state = State()
+        self.nested: set = set()  # see hooks.ModelHooks.before
         self.step = 0
         self.catalog = Catalog(self._live.feed if self._live is not None else None)
         self.registry = Registry(self, self.catalog, named, self._lock)
@@ -214,6 +215,13 @@ class Watcher:
 
     def copy_model(self, module: nn.Module, original: int) -> int:
         return self.registry.copy_model(module, original)
+
+    def nested_model(self, module: nn.Module, outer: int) -> None:
+        """A watched model called inside another's forward, for the first time: if it is a part of
+        that model (attached after it was watched: a projector made at the first forward), the
+        outer model adopts it, as it would have had it been there when watched."""
+        self.nested.add(id(module))
+        self.registry.adopt(module, outer)
 
     def copy_layer(self, module: nn.Module, original: int) -> int:
         return self.registry.copy_layer(module, original)

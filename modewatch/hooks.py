@@ -30,6 +30,7 @@ class Recorder(Protocol):
 
     off: bool
     state: Any  # per thread: .forward (the Forward in progress, or None) and .depth
+    nested: set  # id() of the watched models' roots met inside another watched forward
     layer_modes: list  # per layer id: (mode id, mode) of the last train()/eval() reaching it
     versions: list  # per norm layer id: its statistics counter's version after its last call
     marks: list  # per norm layer id: its frozen parameters' versions at its last call
@@ -38,6 +39,7 @@ class Recorder(Protocol):
     def end_forward(self, forward: Any, output: Any) -> None: ...
     def unusual_call(self, hooks: "LayerHooks", module: nn.Module, args: tuple, output: Any) -> None: ...
     def copy_model(self, module: nn.Module, original: int) -> int: ...
+    def nested_model(self, module: nn.Module, outer: int) -> None: ...
     def copy_layer(self, module: nn.Module, original: int) -> int: ...
     def note_copy(self, copy: nn.Module, hooks: "Hooks") -> None: ...
     def fail(self, exc: BaseException) -> None: ...
@@ -105,6 +107,8 @@ class ModelHooks(Hooks):
                         break
                     frame = frame.f_back
                 state.forward = watcher.begin_forward(frame, model, args)
+            elif id(module) not in watcher.nested and state.forward is not None:
+                watcher.nested_model(module, state.forward.model)  # once per module
             state.depth += 1
         except Exception as exc:
             watcher.fail(exc)

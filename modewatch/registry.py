@@ -180,6 +180,28 @@ class Registry:
                     self.handles.append(root.register_forward_hook(model_hooks.after, always_call=True))
             return index
 
+    def adopt(self, root: nn.Module, outer: int) -> None:
+        """``root``, the root of a watched model (or of a deep copy of one), is found a part of the
+        watched model ``outer``: its modules and layers become the outer model's, named as the
+        outer model names them. Nothing changes where it is no part of it (a model passed in and
+        called, not attached)."""
+        with self.lock:
+            known = self.lookup(root)
+            if known is None or known.model == outer:
+                return
+            path = self.path_in(outer, root)
+            if path is None:
+                return
+            known.top = False  # a part now; its model hooks stay, for its calls on its own
+            for name, module in root.named_modules():
+                inside = self.lookup(module)
+                if inside is None:
+                    continue
+                inside.model, inside.path = outer, f"{path}.{name}" if name else path
+                if inside.layer is not None:
+                    self._rename_layer(inside.layer, module, inside.path, outer,
+                                       category_of(module, self.named) or "norm")
+
     def _rename_layer(self, layer: int, module: nn.Module, name: str, model: int, category: str) -> None:
         self.layer_names[layer] = name
         self.layer_models[layer] = model

@@ -940,6 +940,52 @@ def test_a_copy_made_and_attached_inside_a_watched_model_is_named_as_it_names_it
     assert (finding.rule, finding.layers) == ("stat-update-in-frozen", ["target.1"])
 
 
+class LazyProjector(nn.Module):
+    """byol-pytorch's other shape: the projector is built, and moved with .to(), at the first
+    forward, which __init__ runs by calling self.forward() directly (so outside the learner's
+    watched forwards, where MODEWATCH=1 finds the projector a model of its own); the target is a
+    deep copy of encoder and projector, made then too."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = encoder()
+        self.projector = self.target = None
+        self.to("cpu")
+        self.forward(torch.randn(2, 8))  # mock forward, as byol-pytorch's __init__ runs it
+
+    def forward(self, x):
+        if self.projector is None:
+            self.projector = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).to("cpu")
+            self.target = copy.deepcopy(nn.ModuleList([self.encoder, self.projector]))
+            self.target.requires_grad_(False)
+        with torch.no_grad():
+            target = self.target[1](self.target[0](x))
+        return nn.functional.mse_loss(self.projector(self.encoder(x)), target)
+
+
+def test_a_part_watched_before_it_was_attached_is_named_as_its_model_names_it(log):
+    """A module found as a model of its own before it was attached to the model that calls it
+    (a projector built at a mock forward) becomes part of that model at its first call inside
+    it: one model, one finding for one forgotten model.train(), layers named as named_modules()
+    names them (projector.1, target.1.1), not 1 in three models."""
+    with watch_everything(log):
+        learner = LazyProjector()
+        optimizer = torch.optim.SGD([*learner.encoder.parameters(), *learner.projector.parameters()], lr=0.1)
+        for step, (x, _) in enumerate(batches(4)):
+            loss = learner(x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step == 1:
+                learner.eval()  # <- embedding check
+                with torch.no_grad():
+                    learner(x)
+    errors = [f for f in modewatch.analyze(log).findings if f.severity == "error"]
+    assert [(f.rule, f.model["name"], sorted(f.layers)) for f in errors] == [
+        ("bn-frozen-in-train", "LazyProjector", ["encoder.1", "projector.1"])]
+    assert errors[0].mode_site["line"] == line_of("embedding check")
+
+
 @pytest.mark.parametrize("watched", ["found", "watched"])
 def test_a_loss_module_is_no_discriminator(log, watched):
     """pytorch/examples imagenet moves its loss module to the device (``criterion.to(device)``):
