@@ -431,6 +431,7 @@ class _Seen:
         self._alike: Optional[dict] = None  # see _trained_alike
         self._likenesses: dict = {}  # model id -> its likeness, while settling
         self._lowest_trained: Optional[int] = None  # min(trained), while settling
+        self._generators: dict = {}  # model id -> Facts.generator(model), while settling
 
     def counter(self, calls: Calls) -> list:
         """The forwards count that the rows of ``calls``'s state add to (once per state)."""
@@ -453,11 +454,20 @@ class _Seen:
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
 
+    def generator(self, model: Optional[int]) -> bool:
+        """A model that trains in the run, on whose outputs a model of another optimizer is called
+        (see Facts.generator): worked out once per model and settling."""
+        if model not in self._generators:
+            self._generators[model] = model in self.trained and model is not None and self.facts.generator(model)
+        return self._generators[model]
+
     def after_last_step(self, step: int) -> bool:
         """Whether no optimizer step followed ``step`` (steps completed), as far as the log has
-        told (all of it once read to its end); False where its events tell no steps."""
+        told (all of it once read to its end); False where its events tell no step."""
         told = self.facts.steps
-        return told is not None and step >= max(told, self.totals[1])
+        # A model an optimizer holds has stepped at least once: a log telling no step at all
+        # miscounted them, and is not believed.
+        return bool(told) and step >= max(told, self.totals[1])
 
     def model_name(self, model: Optional[int]) -> str:
         info = self.facts.models.get(model)
@@ -515,6 +525,7 @@ class _Seen:
         self._lowest_trained = None
         self._training_forwards = None
         self._per_line = None
+        self._generators = {}
 
     def dry_run(self, cause: _Cause) -> bool:
         """A single forward before the first step of a model that trains: materialising lazy

@@ -108,6 +108,7 @@ class Watcher:
         self._kept: dict = {}  # mode id of a library's call that changed nothing -> the call it kept
         self._feeds: dict = {}  # (model, model called on its output) -> times seen
         self._seq = 0  # forwards begun
+        self._unstepped = False  # a forward ran, on any thread, since a step of a thread with no forwards
         self._failed = False
         self._closed = False
         self._child = False  # a forked child of the process that made this watcher
@@ -189,6 +190,7 @@ class Watcher:
 
     def end_forward(self, forward: Forward, output: Any) -> None:
         self.state.stepped_since = False
+        self._unstepped = True  # for a thread that steps with no forward of its own
         if forward.calls:
             self.pending.watch(forward, output)
         if self.pending.done:
@@ -243,13 +245,16 @@ class Watcher:
             self.fail(exc)
 
     def on_optimizer_created(self, optimizer: Any, frame: Any) -> None:
-        """MODEWATCH=1: watch the model an optimizer is made for."""
-        if self.off or not self.discover:
+        """An optimizer was made: under MODEWATCH=1, watch the model it is made for; then write
+        down the watched models it holds (see Optimizers.created)."""
+        if self.off:
             return
         try:
-            model, user = discovery.model_of_optimizer(optimizer, frame)
-            if model is not None and self.registry.lookup(model) is None:
-                self.add_model(model, user)
+            if self.discover:
+                model, user = discovery.model_of_optimizer(optimizer, frame)
+                if model is not None and self.registry.lookup(model) is None:
+                    self.add_model(model, user)
+            self.optimizers.created(optimizer, self.step)
         except Exception as exc:
             self.fail(exc)
 
@@ -292,14 +297,24 @@ class Watcher:
         """An optimizer step post-hook (every optimizer class). A step is counted when the
         optimizer holds a watched model's parameters and a watched forward ran since this thread's
         last step: back-to-back steps of two optimizers (a GAN's) count once; threads each count
-        their own."""
+        their own. A thread that never ran a watched forward itself (DataParallel's, whose
+        replicas run on threads of their own) counts a step when a forward ran on any thread
+        since its last one."""
         if self.off:
             return
         try:
             state = self.state
-            if not self.optimizers.step(optimizer, self.step) or state.stepped_since:
+            if not self.optimizers.step(optimizer, self.step):
                 return
-            state.stepped_since = True
+            stepped_since = state.stepped_since
+            if stepped_since is None:  # no forward of its own, ever
+                if not self._unstepped:
+                    return
+                self._unstepped = False
+            elif stepped_since:
+                return
+            else:
+                state.stepped_since = True
             with self._lock:
                 self.step += 1
                 pending = self.pending
@@ -423,7 +438,12 @@ class Watcher:
         try:
             self._detach()
             if not self._failed:
-                self.pending.drain()
+                while True:  # a finding raised by one forward's verdict must not stop the others'
+                    try:
+                        self.pending.drain()
+                        break
+                    except ModeFindingError as exc:
+                        found = found or exc
                 for forward in list(self.pending.waiting.values()):
                     try:
                         self._resolve(forward)

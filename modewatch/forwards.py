@@ -94,7 +94,9 @@ class State(threading.local):
 
     forward: Optional[Forward] = None
     depth: int = 0
-    stepped_since: bool = True  # no forward since the last step
+    # False: a watched forward ran on this thread since its last counted step; True: none did;
+    # None: none ever did (DataParallel's caller: its replicas run on threads of their own).
+    stepped_since: Optional[bool] = None
 
 
 def output_nodes(output: Any) -> list:

@@ -27,17 +27,28 @@ class Optimizers:
         """A model was added: every optimizer's verdict may change."""
         self._seen.clear()
 
+    def created(self, optimizer: Any, step: int) -> None:
+        """An optimizer was made: the watched models it holds are written down now (``optimized``),
+        not at its first step only, so that a run that never steps (a short smoke test that
+        accumulates gradients) still tells that they are trained."""
+        self._held(optimizer, step)
+
     def step(self, optimizer: Any, step: int) -> bool:
         """An optimizer stepped: count it for the models it holds; whether it holds any."""
+        cached = self._held(optimizer, step)
+        for record in cached[2]:
+            record.steps += 1
+            record.stepped = True
+        return bool(cached[2])
+
+    def _held(self, optimizer: Any, step: int) -> tuple:
+        """What ``_look_at`` found of ``optimizer``, looked at again when its param groups change."""
         groups = optimizer.param_groups
         seen = (len(groups), id(groups[-1]["params"]) if groups else None)
         cached = self._seen.get(id(optimizer))
         if cached is None or cached[1] != seen or cached[0]() is not optimizer:
             cached = self._look_at(optimizer, groups, seen, step)
-        for record in cached[2]:
-            record.steps += 1
-            record.stepped = True
-        return bool(cached[2])
+        return cached
 
     def _look_at(self, optimizer: Any, groups: list, seen: tuple, step: int) -> tuple:
         """The watched models whose parameters ``optimizer`` holds (kept, with what was seen of its

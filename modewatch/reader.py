@@ -98,12 +98,34 @@ class Facts:
         self.optimized_models: set = set()  # model ids an optimizer holds parameters of
         self.optimized_layers: set = set()  # (model id, layer name) of norm layers an optimizer holds
         self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
-        self.feeding: set = set()  # model ids whose outputs another model was called on (generators)
+        self.feeding: set = set()  # model ids whose outputs another model was called on
+        self.feeds: dict = {}  # model id -> {ids of the models called on its outputs}
+        self.held_by: dict = {}  # model id -> {numbers of the optimizers that hold it}
+        self.optimizers = 0  # optimizers told (optimized events that name models)
+        self.pairs = 0  # entries in the sets of feeds and held_by: at most MAX_TABLE
         self.layers: dict = {}  # model id -> {(layer name, kind)} of its norm layers, for likeness
         self.norm_layers = 0  # entries in all of those sets: at most MAX_TABLE
         # Optimizer steps completed, as far as the log's calls and closing events have told (None:
         # they told none, as in a log written by hand).
         self.steps: Optional[int] = None
+
+    def add_pair(self, table: dict, key: int, value: int) -> None:
+        """``value`` into the set of ``key`` in ``table`` (feeds, held_by), all of them bounded."""
+        values = table.get(key)
+        if values is None:
+            if self.pairs >= MAX_TABLE:
+                return
+            values = table[key] = set()
+        if self.pairs < MAX_TABLE and value not in values:
+            values.add(value)
+            self.pairs += 1
+
+    def generator(self, model: int) -> bool:
+        """Whether another model is called on ``model``'s outputs and no one optimizer holds both
+        (a GAN's discriminator has an optimizer of its own; a head trained with its backbone, two
+        models of one pipeline, has not). At most MAX_TABLE set look-ups in all."""
+        held = self.held_by.get(model, set())
+        return any(held.isdisjoint(self.held_by.get(into, ())) for into in self.feeds.get(model, ()))
 
     def note_steps(self, steps: Any) -> None:
         """A ``calls`` or closing event's count of optimizer steps completed (ignored unless a
@@ -360,14 +382,17 @@ class LogReader:
             if not isinstance(models, list) or not isinstance(layers, list):
                 raise _Bad
             facts = self.facts
+            facts.optimizers += 1
             for model in models[:MAX_TABLE]:
                 add_bounded(facts.optimized_models, _int(model))
+                facts.add_pair(facts.held_by, _int(model), facts.optimizers)
             for ident in layers[:MAX_TABLE]:
                 layer = self._ref(self._layers, ident)
                 add_bounded(facts.optimized_layers, (layer.model, layer.name))
         elif kind == "feeds":
-            add_bounded(self.facts.feeding, _int(event.get("model")))
-            _int(event.get("into"))
+            source, into = _int(event.get("model")), _int(event.get("into"))
+            add_bounded(self.facts.feeding, source)
+            self.facts.add_pair(self.facts.feeds, source, into)
         elif kind == "updated":
             add_bounded(self.facts.updated_models, _int(event.get("model")))
         elif kind == "site":

@@ -154,7 +154,7 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
         return ...
     if seen.dry_run(cause) or (unused and seen.skipped_batches(cause, site)):
         return None
-    generator = cause.model in seen.trained and cause.model in seen.facts.feeding
+    generator = seen.generator(cause.model)
     if generator and seen.as_often(cause, cause.model, site):  # fakes for the discriminator, under no_grad
         return None if final else ...
     if norm_layer is not None and generator and (cause.model, norm_layer) not in seen.eval_mode:

@@ -530,6 +530,24 @@ def test_data_parallel_replicas_are_the_model_itself(log):
     assert events.count("layer") == 2 and events.count("model") == 1
 
 
+def test_steps_are_counted_when_the_watched_model_is_wrapped_after(log):
+    """watch(net), then DataParallel(net): the replicas' forwards run on threads of their own
+    and the optimizer steps on the main thread, which runs no watched forward itself; each step
+    is counted all the same (it counted none, and the findings of a forgotten model.train()
+    were dropped as if they came after the last step)."""
+    net = Net()
+    with modewatch.watch(net, log=log):
+        model = DataParallelOnCPU(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, (x, y) in enumerate(batches(6)):
+            train_step(model, opt, x, y)
+            if step == 2:
+                model.eval()
+    found = {f.rule: (f.first_step, f.last_step) for f in modewatch.analyze(log).findings}
+    assert found == {"train-without-dropout": (3, 5), "bn-frozen-in-train": (3, 5)}
+    assert modewatch.analyze(log).summary["steps"] == 6
+
+
 def test_a_closed_watcher_watches_no_more_models(log):
     """add_model() on a closed Watcher raises a ValueError that says so, and leaves no hook on
     the model."""

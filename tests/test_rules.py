@@ -342,6 +342,26 @@ def test_an_attack_after_the_last_step_is_no_training(log):
     assert found["train-without-dropout"].mode_site["line"] == line_of("attack eval")
 
 
+def test_a_run_that_never_steps_still_trains_the_model_its_optimizer_holds(log):
+    """A short smoke run that accumulates gradients over more batches than it runs: its
+    optimizer never steps, but was made while watching, so the log tells that it holds the
+    model, and batches trained in eval mode are still an error (not taken for an attack by a
+    model that never trains)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+
+    def body():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.eval()  # <- smoke eval
+        for i, (x, y) in enumerate(batches(3, features=4)):
+            (nn.functional.cross_entropy(model(x), y) / 8).backward()
+            if (i + 1) % 8 == 0:
+                optimizer.step()
+
+    found = findings_by_rule(analyze_run(log, model, body))
+    assert found["train-without-dropout"].severity == "error"
+    assert found["train-without-dropout"].mode_site["line"] == line_of("smoke eval")
+
+
 def test_a_model_trained_by_hand_is_still_reported(log):
     """Training with no optimizer, the update written by hand through .data (pytorch/examples'
     word_language_model), then an evaluation that leaves the model in eval mode: the batches

@@ -364,6 +364,26 @@ def test_sampling_a_generator_with_dropout_on_is_a_warning_where_it_never_runs_i
     assert finding.forward_site["line"] == line_of("pix2pix sample")
 
 
+def test_a_backbone_and_head_of_one_optimizer_are_no_gan(log):
+    """An encoder and a head watched as two models (MODEWATCH=1 finds each), trained by one
+    optimizer, validated under no_grad without eval(): the head is called on the encoder's
+    outputs, but one optimizer holds both, so the encoder is no generator and its validation in
+    train mode is an error for its BatchNorm and its Dropout (they were warnings, as sampling)."""
+    encoder_ = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5))
+    head = nn.Linear(16, 2)
+    with watch_everything(log) as watcher:
+        watcher.add_model(encoder_)
+        watcher.add_model(head)
+        optimizer = torch.optim.SGD([*encoder_.parameters(), *head.parameters()], lr=0.1)
+        for step, (x, y) in enumerate(batches(6)):
+            optimize(optimizer, nn.functional.cross_entropy(head(encoder_(x)), y))
+            if step % 2 == 1:
+                with torch.no_grad():
+                    head(encoder_(x))  # <- validation without eval
+    found = {(f.rule, f.severity) for f in modewatch.analyze(log).findings}
+    assert found == {("stat-update-in-eval", "error"), ("dropout-in-eval", "error")}
+
+
 @pytest.mark.parametrize("critic_steps", [1, 5])
 def test_fakes_made_under_no_grad_for_the_discriminator_are_training(log, critic_steps):
     """BigGAN- and WGAN-style: the discriminator's step makes its fakes under no_grad, once per

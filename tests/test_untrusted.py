@@ -370,6 +370,9 @@ LOG_BOMBS = {
     # a rank's log: one dropout redefined, each name trained once (rank-mode-mismatch's spans)
     "rank spans": lambda i: [dict(DEFINITIONS[0], name=f"{'z' * 200}{i}"),
                              {"event": "calls", "rows": [[0, 3, 3, None, 0.5, None, None, 0, i, i, i, 1, 1]]}],
+    # who feeds whom and which optimizer holds which model (is it a GAN's generator?)
+    "feeds and optimizers": lambda i: [{"event": "feeds", "model": i, "into": i + 1},
+                                       {"event": "optimized", "step": i, "models": [i, i + 2], "layers": []}],
 }
 
 
