@@ -178,7 +178,13 @@ _RULES = (
         "train-without-dropout", "error",
         "{training} ran Dropout in eval mode, with dropout off ({layers}).",
         TRAIN_AGAIN,
-        check=lambda c, _: "error" if _training_forward(c) and _active_dropout(c) and not c.training else None,
+        # A part put in eval mode by itself and run under no_grad inside the training forward is
+        # a frozen teacher in the trained model (knowledge distillation), not a forgotten train().
+        check=lambda c, _: ((("info" if deliberate_freeze(c.mode) and not c.grad else "error")
+                             if _training_forward(c) and _active_dropout(c) and not c.training else None)),
+        variants={"info": "{training} ran Dropout in eval mode ({layers}); the layers were put in eval mode a "
+                          "submodule at a time and ran under no_grad, as a frozen teacher inside the trained model "
+                          "does."},
         settle=_settle_training,
     ),
     Rule(

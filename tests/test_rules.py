@@ -105,6 +105,60 @@ def test_a_linear_probe_on_a_frozen_backbone_is_deliberate(log):
     assert rules(run()) == {("bn-frozen-in-train", "error")}
 
 
+class Distiller(nn.Module):
+    """Knowledge distillation with the teacher inside the trained module: frozen, put back in
+    eval mode by a train() override, run under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+        self.student = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        self.teacher.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # <- teacher eval
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            soft = self.teacher(x).softmax(1)
+        return self.student(x), soft
+
+
+def test_a_frozen_teacher_inside_the_trained_model_is_deliberate(log):
+    """A distillation wrapper whose frozen teacher is put in eval mode by itself and run under
+    no_grad, inside the wrapper's training forward: info, not an error (train-without-dropout
+    was one). The student left in eval mode by an evaluation is still an error."""
+    model = Distiller()
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.1)
+
+    def step(x, y):
+        logits, soft = model(x)
+        loss = nn.functional.cross_entropy(logits, y) + nn.functional.kl_div(logits.log_softmax(1), soft, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def correct():
+        for x, y in batches(3, features=4):
+            model.train()
+            step(x, y)
+
+    assert {(f.rule, f.severity) for f in analyze_run(log, model, correct).findings} == {
+        ("train-without-dropout", "info"), ("bn-frozen-in-train", "info")}
+
+    def forgotten_train():
+        correct()
+        model.eval()  # <- distiller eval
+        for x, y in batches(2, features=4):
+            step(x, y)
+
+    errors = [f for f in analyze_run(log, model, forgotten_train).findings if f.severity == "error"]
+    assert [f.rule for f in errors] == ["train-without-dropout"] and "student.1" in errors[0].layers
+    assert errors[0].mode_site["line"] == line_of("distiller eval")
+
+
 def test_train_override_that_freezes_batchnorm_is_deliberate(log):
     """A model whose train() override puts its BatchNorm back in eval mode (mmdet's norm_eval)
     is deliberate freezing, and the eval() line inside the override is the mode site."""
