@@ -532,12 +532,12 @@ class _Seen:
         modules, checking shapes, a library's warm-up call."""
         return cause.last_step == 0 and cause.model in self.trained and max(cause.layers.values(), default=0) <= 1
 
-    def as_often(self, cause: _Cause, model: Optional[int], site: Any) -> bool:
-        """Whether the line of ``cause`` ran its model more than half as often as ``model`` trains:
-        a use in the training loop (an EMA target's every-step forward, a generator making fakes
-        for its discriminator under no_grad), not an occasional one (a validation, a sample
-        sheet). Counted in forwards of the busiest layer, whatever mode call set the layers, so
-        that any number of optimizers (a critic's five steps) counts the same."""
+    def as_often(self, cause: _Cause, model: Optional[int], site: Any, share: int = 2) -> bool:
+        """Whether the line of ``cause`` ran its model more than half (1/``share``) as often as
+        ``model`` trains: a use in the training loop (an EMA target's every-step forward, a
+        generator making fakes for its discriminator under no_grad), not an occasional one (a
+        validation, a sample sheet). Counted in forwards of the busiest layer, whatever mode call
+        set the layers, so that any number of optimizers (a critic's five steps) counts the same."""
         if self._training_forwards is None:  # once per settling: per model, its busiest layer's
             per_layer: collections.Counter = collections.Counter()  # training forwards, any line
             for (owner, _, name), (forwards,) in self.trained_calls.items():
@@ -547,7 +547,7 @@ class _Seen:
                 if forwards > self._training_forwards.get(owner, 0):
                     self._training_forwards[owner] = forwards
         ran = max((self.line_calls.get((cause.model, site, name), (0,))[0] for name in cause.layers), default=0)
-        return 2 * ran > self._training_forwards.get(model, 0)
+        return share * ran > self._training_forwards.get(model, 0)
 
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
         """Forwards whose graphs no backward used, at a line where the model trains, never more

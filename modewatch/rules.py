@@ -19,6 +19,9 @@ from .format import GRAPH_UNUSED, PARAM_GRAD
 
 SEVERITIES = ("info", "warning", "error")  # ascending
 MOVED_FORWARDS = 2  # forwards in which a frozen layer's parameters moved: a momentum encoder, not frozen
+# A line that runs an EMA / momentum target at most a quarter as often as its online model trains
+# validates it (at the end of each epoch): in train mode that is the inference bug, an error.
+VALIDATION_SHARE = 4
 
 
 def severity_rank(severity: str) -> int:
@@ -131,7 +134,8 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
     """stat-update-in-eval and dropout-in-eval, once the whole log is read:
 
     - an EMA / momentum target is ema-target; at a line that runs it no more than half as often
-      as its online model trains (a validation of it), a warning there;
+      as its online model trains, a warning there; no more than a quarter as often (a validation
+      of it at the end of each epoch), the rule as checked, an error, saying what was recognised;
     - not an evaluation at all: a training batch skipped before its backward (at a line where
       the model trains, no more between two steps than that line trains in a step: a
       ``continue`` on a NaN loss), or a single dry-run forward before the first step of a model
@@ -147,7 +151,9 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
     norm_layer, site, unused = cause.detail
     target = seen.ema_target(cause.model)
     if target is not None:
-        if not seen.as_often(cause, target[1], site):  # not the target's every-step forward: a validation?
+        if not seen.as_often(cause, target[1], site, share=VALIDATION_SHARE):  # a validation of it
+            return cause.rule, cause.severity, ("now and then", target[1])
+        if not seen.as_often(cause, target[1], site):  # not the target's every-step forward
             return "ema-target", "warning", ("now and then", target[1])
         return "ema-target", "info" if target[0] == "updated" else "warning", target
     if not final and (seen.undecided(cause.model) or cause.model not in seen.trained):

@@ -167,29 +167,35 @@ def test_a_momentum_key_encoder_inside_the_model_is_not_a_frozen_part(log):
     assert modewatch.analyze(log).findings == []
 
 
-def test_an_ema_target_validated_in_train_mode_is_a_warning_at_the_validation_line(log):
-    """Mean teacher: the teacher runs in train mode at every step on purpose; validating it (now
-    and then, at another line) without eval() is a warning at that line, not folded into the
-    deliberate use's "nothing to fix"."""
+@pytest.mark.parametrize("every", [4, 3])
+def test_an_ema_target_validated_in_train_mode_is_an_error_at_the_validation_line(log, every):
+    """Mean teacher: the teacher runs in train mode at every step on purpose (info); validating
+    it without eval(), at another line once every 4 steps (an epoch's end), is the inference bug
+    at that line: stat-update-in-eval, an error that says the model is an EMA target (it was a
+    warning). A line that runs it more often than that, but no more than half as often as the
+    student trains (once every 3 steps), stays an ema-target warning."""
     student, teacher = encoder(), encoder()
     teacher.requires_grad_(False)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     with modewatch.watch(student, log=log) as watcher:
         watcher.add_model(teacher)
-        for epoch in range(3):
-            for x, _ in batches(4):
-                with torch.no_grad():
-                    target = teacher(x)  # <- deliberate
-                loss = nn.functional.mse_loss(student(x), target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                ema_update(teacher, student, "no_grad")
+        for step, (x, _) in enumerate(batches(12)):
             with torch.no_grad():
-                teacher(x)  # <- teacher validated
-    findings = [f for f in modewatch.analyze(log).findings if f.rule == "ema-target"]
-    by_line = {f.forward_site["line"]: f.severity for f in findings}
-    assert by_line == {line_of("deliberate"): "info", line_of("teacher validated"): "warning"}
+                target = teacher(x)  # <- deliberate
+            loss = nn.functional.mse_loss(student(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ema_update(teacher, student, "no_grad")
+            if step % every == every - 1:
+                with torch.no_grad():
+                    teacher(x)  # <- teacher validated
+    by_line = {f.forward_site["line"]: (f.rule, f.severity) for f in modewatch.analyze(log).findings}
+    validated = ("stat-update-in-eval", "error") if every == 4 else ("ema-target", "warning")
+    assert by_line == {line_of("deliberate"): ("ema-target", "info"), line_of("teacher validated"): validated}
+    if every == 4:
+        finding = next(f for f in modewatch.analyze(log).findings if f.rule == "stat-update-in-eval")
+        assert "EMA / momentum target" in finding.message and "only now and then" in finding.message
 
 
 def test_live_mode_waits_for_the_ema_target_to_be_recognised(log):
