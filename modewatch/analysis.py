@@ -350,7 +350,7 @@ def _recognised_text(cause: _Cause) -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    """``1 training batch``, ``2 training batches``."""
+    """``1 training forward``, ``2 evaluation forwards``, ``2 batches``."""
     if count == 1:
         return f"1 {noun}"
     return f"{count:,} {noun}es" if noun.endswith(("ch", "s")) else f"{count:,} {noun}s"
@@ -376,7 +376,7 @@ def _summary(cause: _Cause, batches: int, small_batch: int) -> str:
                         if rule in cause.rules)
     # The template is ours; the values come from the log, and are never formatted again.
     text = template.format(
-        training=plural(batches, "training batch"), evaluation=plural(batches, "evaluation forward"),
+        training=plural(batches, "training forward"), evaluation=plural(batches, "evaluation forward"),
         forwards=plural(batches, "forward"), layers=layers_text(cause.layers, cause.kinds), small_batch=small_batch,
         smallest=cause.smallest_batch, what=what or "its layers",
         frozen=FROZEN_WORDS.get(cause.detail[1], "") if isinstance(cause.detail, tuple) else "",
