@@ -111,8 +111,9 @@ def _settle_training(cause: Any, seen: Any, final: bool) -> Any:
     - a model an optimizer trains, where every offending forward came after the run's last
       optimizer step (an attack on the trained model once training is over).
 
-    A model trained by hand through ``.data`` with no optimizer, and in eval mode from its very
-    first batch, is the one case this lets by: nothing in the log tells it from an attack.
+    What this lets by, nothing in the log telling it from an attack: a model trained by hand
+    through ``.data`` with no optimizer, or by an optimizer made before watch() that never steps
+    (a short smoke run), in eval mode from its very first batch.
     """
     model, facts = cause.model, seen.facts
     if model in facts.optimized_models:
