@@ -419,6 +419,7 @@ class _Seen:
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
         self.trained_in_train_mode: set = set()  # model ids with training forwards in train mode
+        self.train_mode_lines: set = set()  # (model id, site) of those forwards
         # How often each model trains, and each line runs it otherwise (see as_often): forwards,
         # in one-item lists that the rows of a state add to without a look-up.
         self.trained_calls: dict = {}  # (model id, site, layer) -> [training forwards]
@@ -432,6 +433,7 @@ class _Seen:
         self._likenesses: dict = {}  # model id -> its likeness, while settling
         self._lowest_trained: Optional[int] = None  # min(trained), while settling
         self._generators: dict = {}  # model id -> Facts.generator(model), while settling
+        self._train_mode_rate: Optional[dict] = None  # see attack_bursts, while settling
 
     def counter(self, calls: Calls) -> list:
         """The forwards count that the rows of ``calls``'s state add to (once per state)."""
@@ -451,6 +453,7 @@ class _Seen:
             add_bounded(self.trained, calls.layer.model)
             if calls.training:
                 add_bounded(self.trained_in_train_mode, calls.layer.model)
+                add_bounded(self.train_mode_lines, (calls.layer.model, calls.site))
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
 
@@ -526,6 +529,7 @@ class _Seen:
         self._training_forwards = None
         self._per_line = None
         self._generators = {}
+        self._train_mode_rate = None
 
     def dry_run(self, cause: _Cause) -> bool:
         """A single forward before the first step of a model that trains: materialising lazy
@@ -549,20 +553,43 @@ class _Seen:
         ran = max((self.line_calls.get((cause.model, site, name), (0,))[0] for name in cause.layers), default=0)
         return share * ran > self._training_forwards.get(model, 0)
 
+    def _lines(self) -> dict:
+        """(model id, site) -> training forwards of its busiest layer there (once per settling)."""
+        if self._per_line is None:
+            self._per_line = {}
+            for (model, where, _), (forwards,) in self.trained_calls.items():
+                if forwards > self._per_line.get((model, where), 0):
+                    self._per_line[model, where] = forwards
+        return self._per_line
+
     def skipped_batches(self, cause: _Cause, site: Any) -> bool:
         """Forwards whose graphs no backward used, at a line where the model trains, never more
         between two steps than that line trains the model in a step on average (one, or the
         micro-batches of gradient accumulation): training batches skipped before their backward
         (a NaN loss)."""
-        if self._per_line is None:  # once per settling: each training line's busiest layer
-            self._per_line = {}
-            for (model, where, _), (forwards,) in self.trained_calls.items():
-                if forwards > self._per_line.get((model, where), 0):
-                    self._per_line[model, where] = forwards
-        trained = self._per_line.get((cause.model, site))
+        trained = self._lines().get((cause.model, site))
         if trained is None:  # not a line where the model trains
             return False
         return cause.most_at_one_step <= max(1, round(trained / (self.totals[1] + 1)))  # per step, on average
+
+    def attack_bursts(self, cause: _Cause, site: Any) -> bool:
+        """Training forwards in eval mode at a line where the model never trains in train mode,
+        while it does at another, more of them between two steps than that other line trains it
+        in a step: an attack's or a saliency method's steps by loss.backward() in the middle of
+        training (TRADES), whose gradients on the weights are zeroed before the step, not training
+        batches. (A forgotten train() shows at the training line itself, at its own rate.)"""
+        model = cause.model
+        if (model, site) in self.train_mode_lines or model not in self.trained_in_train_mode:
+            return False
+        if self._train_mode_rate is None:  # once per settling: per model, its busiest train-mode line
+            self._train_mode_rate = {}
+            for (owner, where), forwards in self._lines().items():
+                if (owner, where) in self.train_mode_lines and forwards > self._train_mode_rate.get(owner, 0):
+                    self._train_mode_rate[owner] = forwards
+        training = self._train_mode_rate.get(model, 0)
+        steps = self.totals[1] + 1
+        here = max(cause.layers.values(), default=0) / (cause.last_step - cause.first_step + 1)
+        return here > max(1, round(training / steps))
 
     def undecided(self, model: Optional[int]) -> bool:
         """Whether more of the log may still make ``model`` an EMA target."""

@@ -109,7 +109,9 @@ def _settle_training(cause: Any, seen: Any, final: bool) -> Any:
     - a model that never trains in the run: no optimizer holds its parameters, they never changed
       in place, and it never ran a training forward in train mode (the FGSM tutorial);
     - a model an optimizer trains, where every offending forward came after the run's last
-      optimizer step (an attack on the trained model once training is over).
+      optimizer step (an attack on the trained model once training is over), or came in bursts
+      at a line where it never trains in train mode (an attack's steps mid-training: see
+      ``_Seen.attack_bursts``).
 
     What this lets by, nothing in the log telling it from an attack: a model trained by hand
     through ``.data`` with no optimizer, or by an optimizer made before watch() that never steps
@@ -117,7 +119,7 @@ def _settle_training(cause: Any, seen: Any, final: bool) -> Any:
     """
     model, facts = cause.model, seen.facts
     if model in facts.optimized_models:
-        if not seen.after_last_step(cause.first_step):
+        if not seen.after_last_step(cause.first_step) and not seen.attack_bursts(cause, cause.detail):
             return cause.rule, cause.severity, None
     elif model in facts.updated_models or model in seen.trained_in_train_mode:
         return cause.rule, cause.severity, None
@@ -192,6 +194,7 @@ _RULES = (
         variants={"info": "{training} ran Dropout in eval mode ({layers}); the layers were put in eval mode a "
                           "submodule at a time and ran under no_grad, as a frozen teacher inside the trained model "
                           "does."},
+        detail=lambda c: c.site,
         settle=_settle_training,
     ),
     Rule(
@@ -206,6 +209,7 @@ _RULES = (
         variants={"info": "{training} ran BatchNorm in eval mode ({layers}); the layers were frozen "
                           "(requires_grad=False), or put in eval mode one by one or a submodule at a time, which "
                           "looks like deliberate freezing."},
+        detail=lambda c: c.site,
         settle=_settle_training,
     ),
     Rule(

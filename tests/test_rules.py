@@ -416,6 +416,45 @@ def test_a_run_that_never_steps_still_trains_the_model_its_optimizer_holds(log):
     assert found["train-without-dropout"].mode_site["line"] == line_of("smoke eval")
 
 
+def test_an_attack_by_backward_in_the_middle_of_training_is_no_training(log):
+    """TRADES' l2 attack: at every step, the model in eval mode, a few attack steps by
+    loss.backward() on a perturbation (the weights get gradients too, zeroed before the
+    optimizer's step), then model.train() and the training batch: no error. Training moved to a
+    new line after an evaluation that left eval mode (one forward a step there, as at the first
+    training line) is still one."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(4, features=4)
+
+    def trades():
+        for x, y in data:
+            model.eval()
+            delta = torch.zeros_like(x, requires_grad=True)
+            for _ in range(3):
+                loss = -nn.functional.cross_entropy(model(x + delta), y)  # <- attack step
+                loss.backward()
+                delta.data -= 0.1 * delta.grad.sign()
+                delta.grad.zero_()
+            model.train()
+            train_step(model, opt, (x + delta).detach(), y)
+
+    assert [f for f in analyze_run(log, model, trades).findings if f.severity == "error"] == []
+
+    def second_phase():
+        for x, y in data:
+            train_step(model, opt, x, y)
+        model.eval()  # <- phase eval
+        for x, y in data:
+            loss = nn.functional.cross_entropy(model(x), y)  # <- second phase
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    found = findings_by_rule(analyze_run(log, model, second_phase))
+    assert found["train-without-dropout"].severity == "error"
+    assert found["train-without-dropout"].forward_site["line"] == line_of("second phase")
+
+
 def test_a_model_trained_by_hand_is_still_reported(log):
     """Training with no optimizer, the update written by hand through .data (pytorch/examples'
     word_language_model), then an evaluation that leaves the model in eval mode: the batches
