@@ -418,8 +418,7 @@ class _Seen:
     def __init__(self, facts: Facts):
         self.facts = facts
         self.trained: set = set()  # model ids with training forwards
-        self.trained_in_train_mode: set = set()  # model ids with training forwards in train mode
-        self.train_mode_lines: set = set()  # (model id, site) of those forwards
+        self.train_mode_lines: set = set()  # (model id, site) of training forwards in train mode
         # How often each model trains, and each line runs it otherwise (see as_often): forwards,
         # in one-item lists that the rows of a state add to without a look-up.
         self.trained_calls: dict = {}  # (model id, site, layer) -> [training forwards]
@@ -433,7 +432,7 @@ class _Seen:
         self._likenesses: dict = {}  # model id -> its likeness, while settling
         self._lowest_trained: Optional[int] = None  # min(trained), while settling
         self._generators: dict = {}  # model id -> Facts.generator(model), while settling
-        self._train_mode_rate: Optional[dict] = None  # see attack_bursts, while settling
+        self._train_mode_rate: Optional[dict] = None  # see _train_mode_rates, while settling
 
     def counter(self, calls: Calls) -> list:
         """The forwards count that the rows of ``calls``'s state add to (once per state)."""
@@ -452,7 +451,6 @@ class _Seen:
         if calls.forward_kind == PARAM_GRAD:
             add_bounded(self.trained, calls.layer.model)
             if calls.training:
-                add_bounded(self.trained_in_train_mode, calls.layer.model)
                 add_bounded(self.train_mode_lines, (calls.layer.model, calls.site))
         if not calls.training:
             add_bounded(self.eval_mode, (calls.layer.model, calls.layer.name))
@@ -572,6 +570,22 @@ class _Seen:
             return False
         return cause.most_at_one_step <= max(1, round(trained / (self.totals[1] + 1)))  # per step, on average
 
+    def _train_mode_rates(self) -> dict:
+        """Per model that ran training forwards in train mode: those of its busiest such line
+        (its busiest layer's there), once per settling."""
+        if self._train_mode_rate is None:
+            lines = self._lines()
+            self._train_mode_rate = {}
+            for line in self.train_mode_lines:
+                forwards = lines.get(line, 0)
+                if forwards >= self._train_mode_rate.get(line[0], 0):
+                    self._train_mode_rate[line[0]] = forwards
+        return self._train_mode_rate
+
+    def trains_in_train_mode(self, model: Optional[int]) -> bool:
+        """Whether ``model`` ran a training forward in train mode anywhere in the log."""
+        return model in self._train_mode_rates()
+
     def attack_bursts(self, cause: _Cause, site: Any) -> bool:
         """Training forwards in eval mode at a line where the model never trains in train mode,
         while it does at another, more of them between two steps than that other line trains it
@@ -579,14 +593,10 @@ class _Seen:
         training (TRADES), whose gradients on the weights are zeroed before the step, not training
         batches. (A forgotten train() shows at the training line itself, at its own rate.)"""
         model = cause.model
-        if (model, site) in self.train_mode_lines or model not in self.trained_in_train_mode:
+        rates = self._train_mode_rates()
+        if (model, site) in self.train_mode_lines or model not in rates:
             return False
-        if self._train_mode_rate is None:  # once per settling: per model, its busiest train-mode line
-            self._train_mode_rate = {}
-            for (owner, where), forwards in self._lines().items():
-                if (owner, where) in self.train_mode_lines and forwards > self._train_mode_rate.get(owner, 0):
-                    self._train_mode_rate[owner] = forwards
-        training = self._train_mode_rate.get(model, 0)
+        training = rates[model]
         steps = self.totals[1] + 1
         here = max(cause.layers.values(), default=0) / (cause.last_step - cause.first_step + 1)
         return here > max(1, round(training / steps))

@@ -98,7 +98,6 @@ class Facts:
         self.optimized_models: set = set()  # model ids an optimizer holds parameters of
         self.optimized_layers: set = set()  # (model id, layer name) of norm layers an optimizer holds
         self.updated_models: set = set()  # model ids updated in place with no optimizer stepping them
-        self.feeding: set = set()  # model ids whose outputs another model was called on
         self.feeds: dict = {}  # model id -> {ids of the models called on its outputs}
         self.held_by: dict = {}  # model id -> {numbers of the optimizers that hold it}
         self.optimizers = 0  # optimizers told (optimized events that name models)
@@ -390,9 +389,7 @@ class LogReader:
                 layer = self._ref(self._layers, ident)
                 add_bounded(facts.optimized_layers, (layer.model, layer.name))
         elif kind == "feeds":
-            source, into = _int(event.get("model")), _int(event.get("into"))
-            add_bounded(self.facts.feeding, source)
-            self.facts.add_pair(self.facts.feeds, source, into)
+            self.facts.add_pair(self.facts.feeds, _int(event.get("model")), _int(event.get("into")))
         elif kind == "updated":
             add_bounded(self.facts.updated_models, _int(event.get("model")))
         elif kind == "site":

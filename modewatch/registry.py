@@ -194,10 +194,7 @@ class Registry:
                 return
             known.top = False  # a part now; its model hooks stay, for its calls on its own
             for name, module in root.named_modules():
-                inside = self.lookup(module)
-                if inside is None:
-                    continue
-                inside.model, inside.path = outer, f"{path}.{name}" if name else path
+                inside = self.remember(module, outer, f"{path}.{name}" if name else path)
                 if inside.layer is not None:
                     self._rename_layer(inside.layer, module, inside.path, outer,
                                        category_of(module, self.named) or "norm")

@@ -121,7 +121,7 @@ def _settle_training(cause: Any, seen: Any, final: bool) -> Any:
     if model in facts.optimized_models:
         if not seen.after_last_step(cause.first_step) and not seen.attack_bursts(cause, cause.detail):
             return cause.rule, cause.severity, None
-    elif model in facts.updated_models or model in seen.trained_in_train_mode:
+    elif model in facts.updated_models or seen.trains_in_train_mode(model):
         return cause.rule, cause.severity, None
     return None if final else ...
 
