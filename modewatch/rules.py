@@ -148,7 +148,7 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
       discriminator (under no_grad, or detached): training, no finding; an occasional one
       (sampling) that updates BatchNorm statistics in layers never run in eval mode in the run is
       stat-update-in-sampling (nothing in the run used them); one that runs Dropout in train mode,
-      in layers never run in eval mode, is a dropout-in-eval warning (pix2pix's noise);
+      in layers never run in eval mode, is dropout-in-sampling (pix2pix's noise);
     - else as checked (a classifier validated in train mode stays an error).
     """
     norm_layer, site, unused = cause.detail
@@ -171,7 +171,7 @@ def _settle_evaluation(cause: Any, seen: Any, final: bool) -> Any:
     if (norm_layer is None and generator and cause.rule == "dropout-in-eval"
             and not any((cause.model, name) in seen.eval_mode for name in cause.layers)):
         # pix2pix keeps its generator's dropout on at test time, as its noise: a warning
-        return ("dropout-in-eval", "warning", None) if final else ...
+        return ("dropout-in-sampling", "warning", None) if final else ...
     return cause.rule, cause.severity, None
 
 
@@ -188,12 +188,10 @@ _RULES = (
         "{training} ran Dropout in eval mode, with dropout off ({layers}).",
         TRAIN_AGAIN,
         # A part put in eval mode by itself and run under no_grad inside the training forward is
-        # a frozen teacher in the trained model (knowledge distillation), not a forgotten train().
-        check=lambda c, _: ((("info" if deliberate_freeze(c.mode) and not c.grad else "error")
-                             if _training_forward(c) and _active_dropout(c) and not c.training else None)),
-        variants={"info": "{training} ran Dropout in eval mode ({layers}); the layers were put in eval mode a "
-                          "submodule at a time and ran under no_grad, as a frozen teacher inside the trained model "
-                          "does."},
+        # a frozen teacher in the trained model (knowledge distillation), not a forgotten train():
+        # those layers learn nothing there, and are not reported.
+        check=lambda c, _: ("error" if _training_forward(c) and _active_dropout(c) and not c.training
+                            and not (deliberate_freeze(c.mode) and not c.grad) else None),
         detail=lambda c: c.site,
         settle=_settle_training,
     ),
@@ -228,10 +226,7 @@ _RULES = (
         "{evaluation} ran Dropout in train mode, so predictions were random ({layers}).",
         "call model.eval() before evaluating (torch.no_grad() does not switch Dropout off).",
         check=lambda c, _: "error" if _evaluation(c) and _active_dropout(c) and c.training else None,
-        variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers}).",
-                  "warning": "{evaluation} that no backward used (sampling) ran a generator's Dropout in train mode, "
-                             "so its outputs were random ({layers}); these layers never ran in eval mode in this run, "
-                             "as in pix2pix, which keeps dropout on at test time as its noise."},
+        variants={"ignores-mode": "{evaluation} ran functional dropout, so predictions were random ({layers})."},
         in_train_mode=True,
         detail=_evaluation_detail,
         settle=_settle_evaluation,
@@ -300,6 +295,16 @@ _RULES = (
         "sampling a generator in train mode on purpose (as many GANs do) needs no change.",
         in_train_mode=True,
         # What stat-update-in-eval settles into (see _settle_evaluation).
+    ),
+    Rule(
+        "dropout-in-sampling", "warning",
+        "{evaluation} that no backward used (sampling) ran a generator's Dropout in train mode, so its outputs "
+        "were random ({layers}); these layers never ran in eval mode in this run, as in pix2pix, which keeps "
+        "dropout on at test time as its noise.",
+        "to sample with dropout off, call model.eval() before and model.train() after; a generator that keeps "
+        "dropout on at test time on purpose (pix2pix) needs no change.",
+        in_train_mode=True,
+        # What dropout-in-eval settles into (see _settle_evaluation).
     ),
 )
 

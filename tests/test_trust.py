@@ -348,9 +348,10 @@ def test_sampling_from_a_generator_never_put_in_eval_mode_is_a_warning(log, no_g
 @pytest.mark.parametrize("evaluated", [False, True])
 def test_sampling_a_generator_with_dropout_on_is_a_warning_where_it_never_runs_in_eval_mode(log, evaluated):
     """pix2pix keeps its generator's dropout on at test time, as its noise, and samples in train
-    mode: a dropout-in-eval warning, not an error (it was one). A generator whose dropout does run
-    in eval mode elsewhere in the run (a final evaluation) was sampled in train mode by mistake:
-    still an error."""
+    mode: dropout-in-sampling, a warning, not a dropout-in-eval error (it was one; the CONTRACT
+    fixes that rule's severity, so the deliberate pattern has a rule of its own). A generator
+    whose dropout does run in eval mode elsewhere in the run (a final evaluation) was sampled in
+    train mode by mistake: still an error."""
     generator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 8))
     discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(), nn.Linear(16, 1))
     with watch_everything(log):
@@ -366,7 +367,8 @@ def test_sampling_a_generator_with_dropout_on_is_a_warning_where_it_never_runs_i
             with torch.no_grad():
                 generator(torch.randn(16, 8))
     (finding,) = modewatch.analyze(log).findings
-    assert (finding.rule, finding.severity) == ("dropout-in-eval", "error" if evaluated else "warning")
+    assert (finding.rule, finding.severity) == (("dropout-in-eval", "error") if evaluated
+                                                else ("dropout-in-sampling", "warning"))
     assert finding.forward_site["line"] == line_of("pix2pix sample")
 
 
